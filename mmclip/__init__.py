@@ -1,0 +1,24 @@
+"""mmclip: CLIP-style multimodal models as parts that snap together."""
+
+from mmclip import towers as _towers  # noqa: F401  (registers the built-in towers and poolers)
+from mmclip.models import DualEncoder, count_parameters, create_model, get_model_config, list_models
+from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
+from mmclip.registry import IMAGE_TOWERS, LOSSES, POOLERS, TEXT_TOWERS, Registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMAGE_TOWERS",
+    "LOSSES",
+    "POOLERS",
+    "TEXT_TOWERS",
+    "CaptionOutput",
+    "DualEncoder",
+    "DualEncoderOutput",
+    "Registry",
+    "TowerOutput",
+    "count_parameters",
+    "create_model",
+    "get_model_config",
+    "list_models",
+]

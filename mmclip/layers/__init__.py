@@ -1,0 +1,24 @@
+"""Torch-only building blocks shared by the towers and reuse components."""
+
+from mmclip.layers.norm import FrozenBatchNorm2d, LayerNorm, freeze_batch_norm
+from mmclip.layers.pooling import ClsPool, LastPool, MapPool, MeanPool, build_pooler
+from mmclip.layers.projection import Mlp, build_projection
+from mmclip.layers.transformer import Attention, QuickGELU, Transformer, TransformerBlock, get_activation
+
+__all__ = [
+    "Attention",
+    "ClsPool",
+    "FrozenBatchNorm2d",
+    "LastPool",
+    "LayerNorm",
+    "MapPool",
+    "MeanPool",
+    "Mlp",
+    "QuickGELU",
+    "Transformer",
+    "TransformerBlock",
+    "build_pooler",
+    "build_projection",
+    "freeze_batch_norm",
+    "get_activation",
+]

@@ -1,0 +1,15 @@
+"""Image and text towers. Importing this package registers every built-in tower."""
+
+from mmclip.towers.base import DataConfig, Tower
+from mmclip.towers.image import ClipModifiedResNet, ClipVisionTransformer, TimmTower
+from mmclip.towers.text import ClipTextTransformer, HFTextTower
+
+__all__ = [
+    "ClipModifiedResNet",
+    "ClipTextTransformer",
+    "ClipVisionTransformer",
+    "DataConfig",
+    "HFTextTower",
+    "TimmTower",
+    "Tower",
+]

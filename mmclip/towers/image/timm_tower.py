@@ -1,0 +1,97 @@
+"""Any ``timm`` model as an image tower (ConvNeXt, EfficientNet, timm ViTs, ...).
+
+The trunk is built with its classifier removed; ``pooled`` is the trunk's pre-logits feature (its own
+global pool and head norm) and ``tokens`` the final feature map as a sequence. Projections live in the
+dual encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmclip.outputs import TowerOutput
+from mmclip.registry import IMAGE_TOWERS
+from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig
+
+__all__ = ["TimmTower"]
+
+
+@IMAGE_TOWERS.register("timm")
+class TimmTower(BaseTower):
+    """Wraps ``timm.create_model(model_name, num_classes=0, ...)``.
+
+    Args:
+        model_name: any name from ``timm.list_models()``.
+        pretrained: load timm's pretrained weights (downloads; off by default).
+        pool: global pool type ("avg", "max", "token", "map", ...); None keeps the model's default.
+        image_size: input size; passed to timm as ``img_size`` for models that take it (ViTs), and used
+            for ``data_config``. Default: the model's pretrained input size.
+        drop_path: stochastic depth rate.
+        mean, std: normalisation; default OpenAI's CLIP statistics, or timm's with ``timm_norm=True``.
+        timm_norm: take mean/std from the model's pretrained config (use with ``pretrained=True``).
+        model_kwargs: further keyword arguments for ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = False,
+        pool: str | None = None,
+        image_size: int | None = None,
+        drop_path: float | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        timm_norm: bool = False,
+        interpolation: str = "bicubic",
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if not timm.is_model(model_name):
+            import difflib
+
+            close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+            raise KeyError(f"unknown timm model {model_name!r}; closest: {close}. See timm.list_models().")
+        kwargs: dict[str, Any] = dict(model_kwargs or {})
+        if pool is not None:
+            kwargs["global_pool"] = pool
+        if drop_path is not None:
+            kwargs["drop_path_rate"] = drop_path
+        if image_size is not None and "vit" in model_name.lower():
+            kwargs.setdefault("img_size", image_size)
+        self.model_name = model_name
+        self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        self.output_dim = int(self.trunk.num_features)
+        cfg = self.trunk.pretrained_cfg or {}
+        size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+        if timm_norm:
+            mean, std = cfg.get("mean", mean), cfg.get("std", std)
+        self.data_config = DataConfig(
+            (size, size), tuple(mean or OPENAI_MEAN), tuple(std or OPENAI_STD), interpolation, "shortest"
+        )
+
+    def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        from timm.models import group_modules, group_parameters
+
+        matcher = self.trunk.group_matcher(coarse=True)
+        params = group_parameters(self.trunk, matcher)
+        modules = group_modules(self.trunk, matcher)
+        groups: list[list[nn.Module | nn.Parameter]] = []
+        for gid in sorted(set(params) | set(modules)):
+            group: list[nn.Module | nn.Parameter] = [self.trunk.get_parameter(n) for n in params.get(gid, [])]
+            group += [self.trunk.get_submodule(n) for n in modules.get(gid, [])]
+            groups.append(group)
+        return groups
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, x: torch.Tensor) -> TowerOutput:
+        features = self.trunk.forward_features(x)  # (B, C, H, W) or (B, N, D)
+        pooled = self.trunk.forward_head(features, pre_logits=True)  # (B, C)
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # (B, N, C)
+        return TowerOutput(pooled=pooled, tokens=tokens)

@@ -1,0 +1,102 @@
+"""Any Hugging Face ``transformers`` encoder (BERT, RoBERTa, XLM-R, ...) as a text tower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmclip.layers.pooling import build_pooler
+from mmclip.outputs import TowerOutput
+from mmclip.registry import TEXT_TOWERS
+from mmclip.towers.base import BaseTower
+
+__all__ = ["HFTextTower"]
+
+
+@TEXT_TOWERS.register("hf", aliases=("hf_text", "transformers"))
+class HFTextTower(BaseTower):
+    """A ``transformers`` encoder with a pooler.
+
+    Build it either from a config (random init, offline): ``HFTextTower(config={"model_type": "bert",
+    "hidden_size": 128, ...})``, or from a local directory or hub id: ``HFTextTower("bert-base-uncased")``
+    (``pretrained=False`` there reads only the config and initialises randomly).
+
+    Args:
+        model_name_or_path: local directory or hub id.
+        config: keyword arguments for ``transformers.AutoConfig.for_model`` (must include ``model_type``).
+        pretrained: load the weights of ``model_name_or_path`` (else random init from its config).
+        pool: "cls", "mean" (over real tokens) or "last" (last real token).
+        pad_token_id: padding id used to build the attention mask (default: the config's).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        config: dict[str, Any] | None = None,
+        pretrained: bool = True,
+        pool: str = "cls",
+        pad_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if (model_name_or_path is None) == (config is None):
+            raise ValueError("HFTextTower needs exactly one of model_name_or_path or config")
+        if config is not None:
+            if "model_type" not in config:
+                raise ValueError("an HF text tower config needs a 'model_type' key, e.g. {'model_type': 'bert'}")
+            cfg_kwargs = {k: v for k, v in config.items() if k != "model_type"}
+            hf_config = AutoConfig.for_model(config["model_type"], **cfg_kwargs)
+            self.encoder = _without_pooler(AutoModel.from_config, hf_config)
+        elif pretrained:
+            self.encoder = _without_pooler(AutoModel.from_pretrained, model_name_or_path)
+        else:
+            self.encoder = _without_pooler(AutoModel.from_config, AutoConfig.from_pretrained(model_name_or_path))
+        self.config = self.encoder.config
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
+        self.output_dim = int(self.config.hidden_size)
+        self.pool_type = pool
+        self.pool = build_pooler(pool, self.output_dim)
+
+    def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        embeddings = getattr(self.encoder, "embeddings", None)
+        layers = _find_layers(self.encoder)
+        covered = {id(p) for m in ([embeddings] if embeddings is not None else []) + list(layers)
+                   for p in m.parameters()}
+        rest = [p for p in self.encoder.parameters() if id(p) not in covered]
+        first: list[nn.Module | nn.Parameter] = [embeddings] if embeddings is not None else []
+        return [first, *[[layer] for layer in layers], [*rest, self.pool]]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.encoder.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.encoder.gradient_checkpointing_disable()
+
+    def forward(self, ids: torch.Tensor) -> TowerOutput:
+        mask = ids != self.pad_token_id  # (B, L)
+        x = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        pooled = self.pool(x, mask=mask) if self.pool_type != "cls" else x[:, 0]  # (B, D)
+        return TowerOutput(pooled=pooled, tokens=x, mask=mask)
+
+
+def _without_pooler(build: Any, source: Any) -> nn.Module:
+    """Builds without the model's own pooler head where it has one (it would be an unused parameter)."""
+    try:
+        return build(source, add_pooling_layer=False)
+    except TypeError:
+        return build(source)
+
+
+def _find_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder's list of blocks (``encoder.layer`` in BERT-like models, ``layers`` elsewhere)."""
+    for name in ("encoder.layer", "encoder.layers", "layers", "transformer.layer", "h"):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            return list(mod)
+    return []

@@ -2,6 +2,7 @@
 
 from mmclip import towers as _towers  # noqa: F401  (registers the built-in towers and poolers)
 from mmclip.models import DualEncoder, count_parameters, create_model, get_model_config, list_models
+from mmclip.models.hf_interop import export_hf, from_pretrained, to_hf_clip
 from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, LOSSES, POOLERS, TEXT_TOWERS, Registry
 
@@ -18,6 +19,9 @@ __all__ = [
     "Registry",
     "TowerOutput",
     "count_parameters",
+    "export_hf",
+    "from_pretrained",
+    "to_hf_clip",
     "create_model",
     "get_model_config",
     "list_models",

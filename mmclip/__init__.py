@@ -5,6 +5,7 @@ from mmclip.models import DualEncoder, count_parameters, create_model, get_model
 from mmclip.models.hf_interop import export_hf, from_pretrained, to_hf_clip
 from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, LOSSES, POOLERS, TEXT_TOWERS, Registry
+from mmclip.tokenizers import ClipTokenizer, HFTokenizer, get_tokenizer, train_bpe_tokenizer
 
 __version__ = "0.1.0"
 
@@ -14,15 +15,19 @@ __all__ = [
     "POOLERS",
     "TEXT_TOWERS",
     "CaptionOutput",
+    "ClipTokenizer",
     "DualEncoder",
     "DualEncoderOutput",
+    "HFTokenizer",
     "Registry",
     "TowerOutput",
     "count_parameters",
     "export_hf",
     "from_pretrained",
     "to_hf_clip",
+    "train_bpe_tokenizer",
     "create_model",
     "get_model_config",
+    "get_tokenizer",
     "list_models",
 ]

@@ -60,6 +60,8 @@ _CLIP_PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 _BPE_CACHE_SIZE = 200_000
+# CLIP's word classes for trained tokenizers, each word keeping the space before it (GPT-2 style).
+_TRAIN_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+"""
 _CLEAN_MODES = ("none", "whitespace", "lower")
 _INSTALL_HINT = (
     "pass bpe_path=... (the gzip'd merges file bpe_simple_vocab_16e6.txt.gz), set the environment "
@@ -73,16 +75,12 @@ class Tokenizer(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
-
     @property
     def context_length(self) -> int: ...
-
     @property
     def pad_token_id(self) -> int: ...
-
     @property
     def eot_token_id(self) -> int: ...
-
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor: ...
 
 
@@ -99,20 +97,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
-def _basic_clean(text: str) -> str:
-    """ftfy repair, double HTML unescape and strip, as CLIP does."""
-    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-
-
-def _whitespace_clean(text: str) -> str:
-    """Collapse whitespace runs (``str.split`` semantics, as open_clip) to single spaces."""
-    return " ".join(text.split()).strip()
-
-
 def _clean(text: str, mode: str) -> str:
+    """CLIP's text cleaning for ``mode`` "whitespace" or "lower"; "none" returns ``text`` unchanged.
+
+    ftfy repair, HTML unescape twice, whitespace runs to one space (stripped), and for "lower" lower-casing.
+    """
     if mode == "none":
         return text
-    text = _whitespace_clean(_basic_clean(text))
+    # Whitespace follows str.split(), as open_clip does (the regex module's \s differs on \x1c-\x1f).
+    text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
     return text.lower() if mode == "lower" else text
 
 
@@ -149,7 +142,7 @@ def find_clip_bpe_vocab() -> str | None:
     if env_path:
         if not os.path.isfile(env_path):
             raise FileNotFoundError(
-                f"{CLIP_BPE_ENV_VAR}={env_path!r} is not a file; point it at {_CLIP_BPE_FILENAME} or unset it."
+                f"{CLIP_BPE_ENV_VAR}={env_path!r} is not a file: point it at {_CLIP_BPE_FILENAME} or unset it"
             )
         return env_path
     try:
@@ -222,12 +215,11 @@ class ClipTokenizer:
         """
         vocab_file = os.path.join(path, "vocab.json")
         merges_file = os.path.join(path, "merges.txt")
-        for needed in (vocab_file, merges_file):
-            if not os.path.isfile(needed):
-                raise FileNotFoundError(
-                    f"{needed} not found: from_hf_dir needs a Hugging Face CLIP tokenizer directory with "
-                    "vocab.json and merges.txt (e.g. a snapshot of openai/clip-vit-base-patch32)."
-                )
+        if not (os.path.isfile(vocab_file) and os.path.isfile(merges_file)):
+            raise FileNotFoundError(
+                f"{os.fspath(path)!r} lacks vocab.json or merges.txt: from_hf_dir needs a Hugging Face CLIP "
+                "tokenizer directory (e.g. a snapshot of openai/clip-vit-base-patch32)."
+            )
         with open(vocab_file, encoding="utf-8") as f:
             encoder: dict[str, int] = json.load(f)
         missing = [t for t in (_SOT, _EOT) if t not in encoder]
@@ -308,7 +300,7 @@ class ClipTokenizer:
             word = merged
         ids = [self._encoder[s] for s in word]
         if len(self._cache) >= _BPE_CACHE_SIZE:
-            self._cache.pop(next(iter(self._cache)))
+            self._cache.pop(next(iter(self._cache)), None)
         self._cache[symbols] = ids
         return ids
 
@@ -325,13 +317,9 @@ class ClipTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ``ids``; start/end tokens and trailing padding are dropped, ``"</w>"`` becomes a space."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(
-                    f"decode takes one sequence (1-D), got shape {tuple(ids.shape)}; loop over rows."
-                )
-            ids = ids.tolist()
-        ids = list(ids)
+        if isinstance(ids, torch.Tensor) and ids.dim() != 1:
+            raise ValueError(f"decode takes one 1-D sequence, got shape {tuple(ids.shape)}; loop over rows.")
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         while ids and ids[-1] == self.pad_token_id:  # a real sequence never ends in id 0 ("!" without </w>)
             ids.pop()
         specials = (self._sot_id, self._eot_id)
@@ -353,9 +341,6 @@ class ClipTokenizer:
                 tokens[-1] = self._eot_id
             rows.append(tokens + [0] * (length - len(tokens)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
-
-    def __repr__(self) -> str:
-        return f"ClipTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
 class HFTokenizer:
@@ -442,12 +427,8 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ``ids`` with special tokens and padding skipped."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer({self.name_or_path!r}, context_length={self.context_length})"
+        id_list = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        return str(self.tokenizer.decode(id_list, skip_special_tokens=True))
 
 
 def _checked_captions(captions: Iterable[str], counter: list[int]) -> Iterator[str]:
@@ -485,11 +466,12 @@ def train_bpe_tokenizer(
         The trained tokenizer, reloaded from ``out_dir`` as an :class:`HFTokenizer`.
 
     Raises:
-        ValueError: ``vocab_size`` too small or no captions given.
+        ValueError: ``vocab_size`` below 259, or no captions.
         TypeError: a caption is not a string.
     """
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as _HFCoreTokenizer
+    from tokenizers import normalizers as norm
     from transformers import PreTrainedTokenizerFast
 
     specials = [_PAD, _SOT, _EOT]
@@ -499,22 +481,12 @@ def train_bpe_tokenizer(
             f"vocab_size must be at least {min_size} (256 byte symbols + 3 special tokens), got {vocab_size}."
         )
     core = _HFCoreTokenizer(models.BPE())
-    core.normalizer = normalizers.Sequence(
-        [
-            normalizers.NFC(),
-            normalizers.Replace(Regex(r"\s+"), " "),
-            normalizers.Strip(),
-            normalizers.Lowercase(),
-            normalizers.Prepend(" "),  # so the first word looks like every other word
-        ]
-    )
-    word_pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+"""
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(word_pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    # The prepended space makes the first word look like every other word.
+    steps = [norm.NFC(), norm.Replace(Regex(r"\s+"), " "), norm.Strip(), norm.Lowercase(), norm.Prepend(" ")]
+    core.normalizer = norm.Sequence(steps)
+    words = pre_tokenizers.Split(Regex(_TRAIN_WORD_PATTERN), behavior="isolated")
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.pre_tokenizer = pre_tokenizers.Sequence([words, to_bytes])
     core.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -527,11 +499,9 @@ def train_bpe_tokenizer(
     core.train_from_iterator(_checked_captions(captions, counter), trainer=trainer)
     if counter[0] == 0:
         raise ValueError("train_bpe_tokenizer got no captions; pass a non-empty iterable of strings.")
-    sot_id, eot_id = core.token_to_id(_SOT), core.token_to_id(_EOT)
+    special_ids = [(_SOT, core.token_to_id(_SOT)), (_EOT, core.token_to_id(_EOT))]
     core.post_processor = processors.TemplateProcessing(
-        single=f"{_SOT} $A {_EOT}",
-        pair=f"{_SOT} $A {_EOT} $B:1 {_EOT}:1",
-        special_tokens=[(_SOT, sot_id), (_EOT, eot_id)],
+        single=f"{_SOT} $A {_EOT}", pair=f"{_SOT} $A {_EOT} $B:1 {_EOT}:1", special_tokens=special_ids
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -551,11 +521,8 @@ def _is_clip_hf_dir(path: str) -> bool:
     vocab_file = os.path.join(path, "vocab.json")
     if not (os.path.isfile(vocab_file) and os.path.isfile(os.path.join(path, "merges.txt"))):
         return False
-    try:
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except (OSError, ValueError):
-        return False
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
     return isinstance(vocab, dict) and len(vocab) == _CLIP_VOCAB_SIZE and _SOT in vocab
 
 

@@ -26,8 +26,16 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> tor
             elif name.endswith("logit_bias"):
                 p.fill_(-1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (std if p.ndim > 1 else 0.5) + (1.0 if p.ndim == 1 and
-                        ("norm" in name or "ln" in name or "bn" in name) and name.endswith("weight") else 0.0))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * (std if p.ndim > 1 else 0.5)
+                    + (
+                        1.0
+                        if p.ndim == 1
+                        and ("norm" in name or "ln" in name or "bn" in name)
+                        and name.endswith("weight")
+                        else 0.0
+                    )
+                )
         for name, b in module.named_buffers():
             if name.endswith("running_var"):
                 b.copy_(torch.rand(b.shape, generator=g) + 0.5)

@@ -58,8 +58,14 @@ class LastPool(nn.Module):
 class MapPool(nn.Module):
     """Multi-head attention pooling with one learned probe, then LN + MLP with a residual (SigLIP)."""
 
-    def __init__(self, width: int, heads: int | None = None, mlp_ratio: float = 4.0, act: str = "gelu_tanh",
-                 ln_eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu_tanh",
+        ln_eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.heads = heads or max(1, width // 64)
         self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
@@ -77,7 +83,9 @@ class MapPool(nn.Module):
         H = self.heads
         w_q, w_kv = self.qkv.weight.split([C, 2 * C])
         b_q, b_kv = self.qkv.bias.split([C, 2 * C])
-        q = F.linear(self.probe.expand(B, -1, -1), w_q, b_q).view(B, 1, H, C // H).transpose(1, 2)  # (B, H, 1, d)
+        q = (
+            F.linear(self.probe.expand(B, -1, -1), w_q, b_q).view(B, 1, H, C // H).transpose(1, 2)
+        )  # (B, H, 1, d)
         kv = F.linear(x, w_kv, b_kv).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)  # (2, B, H, N, d)
         attn_mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, H, 1, d)

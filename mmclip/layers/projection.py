@@ -12,16 +12,24 @@ __all__ = ["Mlp", "build_projection"]
 class Mlp(nn.Sequential):
     """fc1 -> activation -> fc2."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, act: str = "gelu", bias: bool = True,
-                 out_bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        act: str = "gelu",
+        bias: bool = True,
+        out_bias: bool = True,
+    ) -> None:
         super().__init__()
         self.add_module("fc1", nn.Linear(in_dim, hidden_dim, bias=bias))
         self.add_module("act", get_activation(act))
         self.add_module("fc2", nn.Linear(hidden_dim, out_dim, bias=out_bias))
 
 
-def build_projection(kind: str, in_dim: int, out_dim: int, bias: bool = False, hidden_dim: int | None = None,
-                     act: str = "gelu") -> nn.Module:
+def build_projection(
+    kind: str, in_dim: int, out_dim: int, bias: bool = False, hidden_dim: int | None = None, act: str = "gelu"
+) -> nn.Module:
     """Builds a projection head.
 
     Args:

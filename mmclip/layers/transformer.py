@@ -50,7 +50,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
         q, k, v = qkv.unbind(0)
@@ -85,7 +87,9 @@ class TransformerBlock(nn.Module):
         else:
             self.gamma1 = self.gamma2 = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
         a = self.attn(self.norm1(x), attn_mask=attn_mask, causal=causal)
         x = x + (a * self.gamma1 if self.gamma1 is not None else a)
         m = self.mlp(self.norm2(x))
@@ -112,7 +116,9 @@ class Transformer(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False
+    ) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, attn_mask, causal, use_reentrant=False)
@@ -120,7 +126,9 @@ class Transformer(nn.Module):
                 x = block(x, attn_mask=attn_mask, causal=causal)
         return x
 
-    def init_weights(self, proj_std: float | None = None, attn_std: float | None = None, fc_std: float | None = None) -> None:
+    def init_weights(
+        self, proj_std: float | None = None, attn_std: float | None = None, fc_std: float | None = None
+    ) -> None:
         """CLIP initialisation: qkv std w^-0.5, output projections w^-0.5 (2L)^-0.5, fc1 (2w)^-0.5."""
         w, n = self.width, len(self.blocks)
         attn_std = w**-0.5 if attn_std is None else attn_std

@@ -16,8 +16,13 @@ import torch
 
 from mmclip.models.dual_encoder import DualEncoder
 
-__all__ = ["CheckpointError", "load_state_dict", "convert_openclip_state_dict", "load_checkpoint",
-           "load_pretrained_into"]
+__all__ = [
+    "CheckpointError",
+    "load_state_dict",
+    "convert_openclip_state_dict",
+    "load_checkpoint",
+    "load_pretrained_into",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        out[key[len("module."):] if key.startswith("module.") else key] = value
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
     return out
 
 
@@ -77,10 +82,15 @@ def _is_torchscript(path: Path) -> bool:
 
 
 _BLOCK_RULES = [
-    (r"ln_1\.", "norm1."), (r"ln_2\.", "norm2."),
-    (r"attn\.in_proj_weight$", "attn.qkv.weight"), (r"attn\.in_proj_bias$", "attn.qkv.bias"),
-    (r"attn\.out_proj\.", "attn.proj."), (r"mlp\.c_fc\.", "mlp.fc1."), (r"mlp\.c_proj\.", "mlp.fc2."),
-    (r"ls_1\.gamma$", "gamma1"), (r"ls_2\.gamma$", "gamma2"),
+    (r"ln_1\.", "norm1."),
+    (r"ln_2\.", "norm2."),
+    (r"attn\.in_proj_weight$", "attn.qkv.weight"),
+    (r"attn\.in_proj_bias$", "attn.qkv.bias"),
+    (r"attn\.out_proj\.", "attn.proj."),
+    (r"mlp\.c_fc\.", "mlp.fc1."),
+    (r"mlp\.c_proj\.", "mlp.fc2."),
+    (r"ls_1\.gamma$", "gamma1"),
+    (r"ls_2\.gamma$", "gamma2"),
 ]
 
 
@@ -93,8 +103,12 @@ def _block(rest: str) -> str:
 
 
 def _vit_key(key: str) -> str | None:
-    simple = {"conv1.weight": "patch_embed.weight", "conv1.bias": "patch_embed.bias",
-              "class_embedding": "cls_token", "positional_embedding": "pos_embed"}
+    simple = {
+        "conv1.weight": "patch_embed.weight",
+        "conv1.bias": "patch_embed.bias",
+        "class_embedding": "cls_token",
+        "positional_embedding": "pos_embed",
+    }
     if key in simple:
         return "image_tower." + simple[key]
     if key == "proj":
@@ -103,7 +117,7 @@ def _vit_key(key: str) -> str | None:
     if m:
         return f"image_tower.{'norm_pre' if m[1] == 'ln_pre' else 'norm_post'}.{m[2]}"
     if key.startswith("transformer."):
-        return "image_tower.transformer." + _block(key[len("transformer."):])
+        return "image_tower.transformer." + _block(key[len("transformer.") :])
     return None
 
 
@@ -154,7 +168,7 @@ def _text_key(key: str) -> str | None:
     if m:
         return f"text_tower.norm_final.{m[1]}"
     if key.startswith("transformer."):
-        return "text_tower.transformer." + _block(key[len("transformer."):])
+        return "text_tower.transformer." + _block(key[len("transformer.") :])
     return None
 
 
@@ -184,9 +198,9 @@ def convert_openclip_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
             out[key] = value
             continue
         if key.startswith("visual."):
-            new = visual_rule(key[len("visual."):])
+            new = visual_rule(key[len("visual.") :])
         else:
-            new = _text_key(key[len("text."):] if key.startswith("text.") else key)
+            new = _text_key(key[len("text.") :] if key.startswith("text.") else key)
         if new is None:
             unknown.append(key)
             continue
@@ -219,15 +233,22 @@ def load_checkpoint(model: DualEncoder, state: Mapping[str, torch.Tensor], stric
     state = dict(state)
     tower = model.image_tower
     key = "image_tower.pos_embed"
-    if isinstance(tower, ClipVisionTransformer) and key in state and state[key].shape != tower.pos_embed.shape:
+    if (
+        isinstance(tower, ClipVisionTransformer)
+        and key in state
+        and state[key].shape != tower.pos_embed.shape
+    ):
         old = state[key].shape
         state[key] = resample_pos_embed(state[key], tower.grid_size, tower.num_prefix)
         logger.info("resampled image position embeddings %s -> %s", tuple(old), tuple(state[key].shape))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in state if k in expected and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
     if shapes or (strict and (missing or unexpected)):
         lines = []
         if shapes:

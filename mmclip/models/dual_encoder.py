@@ -27,7 +27,9 @@ def _build_tower(tower: nn.Module | dict[str, Any], registry: Any) -> tuple[nn.M
     if isinstance(tower, dict) or hasattr(tower, "items"):
         spec = dict(tower)
         return registry.build(spec), spec
-    raise TypeError(f"a tower must be an nn.Module or a spec dict {{'name': ...}}, got {type(tower).__name__}")
+    raise TypeError(
+        f"a tower must be an nn.Module or a spec dict {{'name': ...}}, got {type(tower).__name__}"
+    )
 
 
 class DualEncoder(nn.Module):
@@ -73,18 +75,27 @@ class DualEncoder(nn.Module):
         self.image_tower, image_spec = _build_tower(image_tower, IMAGE_TOWERS)
         self.text_tower, text_spec = _build_tower(text_tower, TEXT_TOWERS)
         self.embed_dim = embed_dim
-        self.image_proj = build_projection(image_proj, self.image_tower.output_dim, embed_dim, image_proj_bias)
+        self.image_proj = build_projection(
+            image_proj, self.image_tower.output_dim, embed_dim, image_proj_bias
+        )
         self.text_proj = build_projection(text_proj, self.text_tower.output_dim, embed_dim, text_proj_bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        )
         self.keep_tower_outputs = keep_tower_outputs
         # The spec that rebuilds this model (None when a tower was passed as a module).
         self.config: dict[str, Any] | None = None
         if image_spec is not None and text_spec is not None:
             self.config = {
-                "image_tower": image_spec, "text_tower": text_spec, "embed_dim": embed_dim,
-                "image_proj": image_proj, "text_proj": text_proj, "image_proj_bias": image_proj_bias,
-                "text_proj_bias": text_proj_bias, "init_logit_scale": float(init_logit_scale),
+                "image_tower": image_spec,
+                "text_tower": text_spec,
+                "embed_dim": embed_dim,
+                "image_proj": image_proj,
+                "text_proj": text_proj,
+                "image_proj_bias": image_proj_bias,
+                "text_proj_bias": text_proj_bias,
+                "init_logit_scale": float(init_logit_scale),
                 "init_logit_bias": init_logit_bias,
             }
 
@@ -103,7 +114,9 @@ class DualEncoder(nn.Module):
         x = self.text_proj(self.text_tower(ids).pooled)  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> DualEncoderOutput:
+    def forward(
+        self, images: torch.Tensor | None = None, text: torch.Tensor | None = None
+    ) -> DualEncoderOutput:
         """Embeds both modalities; either may be None (its embeddings are then empty (0, E))."""
         image_out: TowerOutput | None = None
         text_out: TowerOutput | None = None
@@ -140,8 +153,18 @@ class DualEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DualEncoder:
         """Builds a model from ``model.config`` (specs only, as saved by ``save_pretrained``)."""
-        known = {"image_tower", "text_tower", "embed_dim", "image_proj", "text_proj", "image_proj_bias",
-                 "text_proj_bias", "init_logit_scale", "init_logit_bias", "keep_tower_outputs"}
+        known = {
+            "image_tower",
+            "text_tower",
+            "embed_dim",
+            "image_proj",
+            "text_proj",
+            "image_proj_bias",
+            "text_proj_bias",
+            "init_logit_scale",
+            "init_logit_bias",
+            "keep_tower_outputs",
+        }
         unknown = set(config) - known
         if unknown:
             raise ValueError(f"unknown DualEncoder config keys {sorted(unknown)}; known: {sorted(known)}")

@@ -13,8 +13,14 @@ import torch
 
 from mmclip.models.dual_encoder import DualEncoder
 
-__all__ = ["MODEL_CONFIGS", "list_models", "get_model_config", "create_model", "count_parameters",
-           "register_model_config"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "list_models",
+    "get_model_config",
+    "create_model",
+    "count_parameters",
+    "register_model_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +39,25 @@ def _text(width: int, layers: int = 12, **kw: Any) -> dict[str, Any]:
 
 
 def _vit(image_size: int, patch: int, width: int, layers: int, **kw: Any) -> dict[str, Any]:
-    return {"name": "clip_vit", "image_size": image_size, "patch_size": patch, "width": width, "layers": layers,
-            "heads": width // 64, **kw}
+    return {
+        "name": "clip_vit",
+        "image_size": image_size,
+        "patch_size": patch,
+        "width": width,
+        "layers": layers,
+        "heads": width // 64,
+        **kw,
+    }
 
 
 def _resnet(layers: tuple[int, ...], width: int, embed: int, image_size: int) -> dict[str, Any]:
-    return {"name": "clip_resnet", "layers": list(layers), "width": width, "output_dim": embed,
-            "image_size": image_size}
+    return {
+        "name": "clip_resnet",
+        "layers": list(layers),
+        "width": width,
+        "output_dim": embed,
+        "image_size": image_size,
+    }
 
 
 def _register_builtins() -> None:
@@ -61,61 +79,149 @@ def _register_builtins() -> None:
         proj = "none" if image["name"] == "clip_resnet" else "linear"
         for suffix, act in (("", "gelu"), ("-quickgelu", "quick_gelu")):
             img = dict(image, act=act) if image["name"] == "clip_vit" else dict(image)
-            register_model_config(name + suffix, {
-                "image_tower": img, "text_tower": _text(text_width, act=act), "embed_dim": embed,
-                "image_proj": proj,
-            })
+            register_model_config(
+                name + suffix,
+                {
+                    "image_tower": img,
+                    "text_tower": _text(text_width, act=act),
+                    "embed_dim": embed,
+                    "image_proj": proj,
+                },
+            )
 
-    siglip_text = {"vocab_size": 32000, "context_length": 64, "causal": False, "pool": "last",
-                   "act": "gelu_tanh", "ln_eps": 1e-6, "pad_token_id": 1, "eot_token_id": 1}
-    siglip_image = {"class_token": False, "patch_bias": True, "pre_norm": False, "pool": "map", "act": "gelu_tanh",
-                    "ln_eps": 1e-6, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
-    siglip = {"image_proj": "none", "text_proj_bias": True, "init_logit_scale": math.log(10.0),
-              "init_logit_bias": -10.0}
-    register_model_config("ViT-B-16-SigLIP", {
-        "image_tower": _vit(224, 16, 768, 12, **siglip_image), "text_tower": _text(768, **siglip_text),
-        "embed_dim": 768, **siglip,
-    })
-    register_model_config("convnext_base", {
-        "image_tower": {"name": "timm", "model_name": "convnext_base", "image_size": 224, "drop_path": 0.1},
-        "text_tower": _text(512), "embed_dim": 512,
-    })
-    register_model_config("efficientnet_b3", {
-        "image_tower": {"name": "timm", "model_name": "efficientnet_b3", "image_size": 288},
-        "text_tower": _text(512), "embed_dim": 512,
-    })
-    register_model_config("ViT-B-32-BERT", {
-        "image_tower": _vit(224, 32, 768, 12),
-        "text_tower": {"name": "hf", "config": {"model_type": "bert"}, "pool": "cls"},
-        "embed_dim": 512,
-    })
+    siglip_text = {
+        "vocab_size": 32000,
+        "context_length": 64,
+        "causal": False,
+        "pool": "last",
+        "act": "gelu_tanh",
+        "ln_eps": 1e-6,
+        "pad_token_id": 1,
+        "eot_token_id": 1,
+    }
+    siglip_image = {
+        "class_token": False,
+        "patch_bias": True,
+        "pre_norm": False,
+        "pool": "map",
+        "act": "gelu_tanh",
+        "ln_eps": 1e-6,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "resize_mode": "squash",
+    }
+    siglip = {
+        "image_proj": "none",
+        "text_proj_bias": True,
+        "init_logit_scale": math.log(10.0),
+        "init_logit_bias": -10.0,
+    }
+    register_model_config(
+        "ViT-B-16-SigLIP",
+        {
+            "image_tower": _vit(224, 16, 768, 12, **siglip_image),
+            "text_tower": _text(768, **siglip_text),
+            "embed_dim": 768,
+            **siglip,
+        },
+    )
+    register_model_config(
+        "convnext_base",
+        {
+            "image_tower": {
+                "name": "timm",
+                "model_name": "convnext_base",
+                "image_size": 224,
+                "drop_path": 0.1,
+            },
+            "text_tower": _text(512),
+            "embed_dim": 512,
+        },
+    )
+    register_model_config(
+        "efficientnet_b3",
+        {
+            "image_tower": {"name": "timm", "model_name": "efficientnet_b3", "image_size": 288},
+            "text_tower": _text(512),
+            "embed_dim": 512,
+        },
+    )
+    register_model_config(
+        "ViT-B-32-BERT",
+        {
+            "image_tower": _vit(224, 32, 768, 12),
+            "text_tower": {"name": "hf", "config": {"model_type": "bert"}, "pool": "cls"},
+            "embed_dim": 512,
+        },
+    )
 
     # Tiny configs for tests and the CPU demo.
     tiny_text = _text(64, layers=2, heads=2)
-    register_model_config("tiny-vit", {
-        "image_tower": _vit(32, 8, 64, 2, heads=2), "text_tower": tiny_text, "embed_dim": 32})
-    register_model_config("tiny-vit-quickgelu", {
-        "image_tower": _vit(32, 8, 64, 2, heads=2, act="quick_gelu"),
-        "text_tower": dict(tiny_text, act="quick_gelu"), "embed_dim": 32})
-    register_model_config("tiny-resnet", {
-        "image_tower": _resnet((1, 1, 1, 1), 8, 32, 64), "text_tower": tiny_text, "embed_dim": 32,
-        "image_proj": "none"})
-    register_model_config("tiny-convnext", {
-        "image_tower": {"name": "timm", "model_name": "test_convnext", "image_size": 64},
-        "text_tower": tiny_text, "embed_dim": 32})
-    register_model_config("tiny-efficientnet", {
-        "image_tower": {"name": "timm", "model_name": "test_efficientnet", "image_size": 64},
-        "text_tower": tiny_text, "embed_dim": 32})
-    register_model_config("tiny-bert", {
-        "image_tower": _vit(32, 8, 64, 2, heads=2),
-        "text_tower": {"name": "hf", "pool": "cls", "config": {
-            "model_type": "bert", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 77}},
-        "embed_dim": 32})
-    register_model_config("tiny-siglip", {
-        "image_tower": _vit(32, 8, 64, 2, heads=2, **siglip_image),
-        "text_tower": _text(64, layers=2, heads=2, **dict(siglip_text, vocab_size=1000)),
-        "embed_dim": 64, **siglip})
+    register_model_config(
+        "tiny-vit", {"image_tower": _vit(32, 8, 64, 2, heads=2), "text_tower": tiny_text, "embed_dim": 32}
+    )
+    register_model_config(
+        "tiny-vit-quickgelu",
+        {
+            "image_tower": _vit(32, 8, 64, 2, heads=2, act="quick_gelu"),
+            "text_tower": dict(tiny_text, act="quick_gelu"),
+            "embed_dim": 32,
+        },
+    )
+    register_model_config(
+        "tiny-resnet",
+        {
+            "image_tower": _resnet((1, 1, 1, 1), 8, 32, 64),
+            "text_tower": tiny_text,
+            "embed_dim": 32,
+            "image_proj": "none",
+        },
+    )
+    register_model_config(
+        "tiny-convnext",
+        {
+            "image_tower": {"name": "timm", "model_name": "test_convnext", "image_size": 64},
+            "text_tower": tiny_text,
+            "embed_dim": 32,
+        },
+    )
+    register_model_config(
+        "tiny-efficientnet",
+        {
+            "image_tower": {"name": "timm", "model_name": "test_efficientnet", "image_size": 64},
+            "text_tower": tiny_text,
+            "embed_dim": 32,
+        },
+    )
+    register_model_config(
+        "tiny-bert",
+        {
+            "image_tower": _vit(32, 8, 64, 2, heads=2),
+            "text_tower": {
+                "name": "hf",
+                "pool": "cls",
+                "config": {
+                    "model_type": "bert",
+                    "vocab_size": 1000,
+                    "hidden_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 128,
+                    "max_position_embeddings": 77,
+                },
+            },
+            "embed_dim": 32,
+        },
+    )
+    register_model_config(
+        "tiny-siglip",
+        {
+            "image_tower": _vit(32, 8, 64, 2, heads=2, **siglip_image),
+            "text_tower": _text(64, layers=2, heads=2, **dict(siglip_text, vocab_size=1000)),
+            "embed_dim": 64,
+            **siglip,
+        },
+    )
 
 
 _register_builtins()
@@ -147,8 +253,12 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def create_model(name: str, pretrained: str | Path | None = None, device: str | torch.device | None = None,
-                 **overrides: Any) -> DualEncoder:
+def create_model(
+    name: str,
+    pretrained: str | Path | None = None,
+    device: str | torch.device | None = None,
+    **overrides: Any,
+) -> DualEncoder:
     """Builds a named model, optionally loading weights.
 
     Args:

@@ -19,8 +19,13 @@ from mmclip.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder
 
 __all__ = ["from_pretrained", "hf_to_mmclip", "to_hf_clip", "export_hf"]
 
-_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-         "relu": "relu"}
+_ACTS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "relu": "relu",
+}
 _ACTS_BACK = {"QuickGELU": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "ReLU": "relu"}
 
 
@@ -53,7 +58,10 @@ def _preprocessing(directory: Path, default_mean: tuple, default_std: tuple) -> 
     if not path.is_file():
         return {"mean": default_mean, "std": default_std}
     cfg = json.loads(path.read_text())
-    return {"mean": tuple(cfg.get("image_mean", default_mean)), "std": tuple(cfg.get("image_std", default_std))}
+    return {
+        "mean": tuple(cfg.get("image_mean", default_mean)),
+        "std": tuple(cfg.get("image_std", default_std)),
+    }
 
 
 # ---- key mapping: (HF regex, mmclip template) pairs for one direction; blocks handled separately ------------
@@ -71,23 +79,34 @@ _CLIP_KEYS = [
     (r"logit_scale", "logit_scale"),
     (r"logit_bias", "logit_bias"),
 ]
-_SIGLIP_KEYS = _CLIP_KEYS[:3] + _CLIP_KEYS[4:6] + [
-    (r"vision_model\.post_layernorm\.(weight|bias)", r"image_tower.norm_post.\1"),
-    (r"vision_model\.head\.probe", "image_tower.pool.probe"),
-    (r"vision_model\.head\.attention\.in_proj_(weight|bias)", r"image_tower.pool.qkv.\1"),
-    (r"vision_model\.head\.attention\.out_proj\.(weight|bias)", r"image_tower.pool.proj.\1"),
-    (r"vision_model\.head\.layernorm\.(weight|bias)", r"image_tower.pool.norm.\1"),
-    (r"vision_model\.head\.mlp\.(fc1|fc2)\.(weight|bias)", r"image_tower.pool.mlp.\1.\2"),
-    (r"text_model\.head\.(weight|bias)", r"text_proj.\1"),
-    (r"logit_scale", "logit_scale"),
-    (r"logit_bias", "logit_bias"),
-]
+_SIGLIP_KEYS = (
+    _CLIP_KEYS[:3]
+    + _CLIP_KEYS[4:6]
+    + [
+        (r"vision_model\.post_layernorm\.(weight|bias)", r"image_tower.norm_post.\1"),
+        (r"vision_model\.head\.probe", "image_tower.pool.probe"),
+        (r"vision_model\.head\.attention\.in_proj_(weight|bias)", r"image_tower.pool.qkv.\1"),
+        (r"vision_model\.head\.attention\.out_proj\.(weight|bias)", r"image_tower.pool.proj.\1"),
+        (r"vision_model\.head\.layernorm\.(weight|bias)", r"image_tower.pool.norm.\1"),
+        (r"vision_model\.head\.mlp\.(fc1|fc2)\.(weight|bias)", r"image_tower.pool.mlp.\1.\2"),
+        (r"text_model\.head\.(weight|bias)", r"text_proj.\1"),
+        (r"logit_scale", "logit_scale"),
+        (r"logit_bias", "logit_bias"),
+    ]
+)
 _LAYER = re.compile(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)")
-_LAYER_PARTS = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_proj": "attn.proj",
-                "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_LAYER_PARTS = {
+    "layer_norm1": "norm1",
+    "layer_norm2": "norm2",
+    "self_attn.out_proj": "attn.proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
 
 
-def _convert_hf_state(state: dict[str, torch.Tensor], table: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+def _convert_hf_state(
+    state: dict[str, torch.Tensor], table: list[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     unknown = []
@@ -132,12 +151,29 @@ def hf_to_mmclip(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
     config = AutoConfig.from_pretrained(str(directory))
     state = _read_hf_weights(directory)
     v, t = config.vision_config, config.text_config
-    image = {"name": "clip_vit", "image_size": v.image_size, "patch_size": v.patch_size, "width": v.hidden_size,
-             "layers": v.num_hidden_layers, "heads": v.num_attention_heads, "in_chans": v.num_channels,
-             "mlp_ratio": v.intermediate_size / v.hidden_size, "act": _act(v.hidden_act), "ln_eps": v.layer_norm_eps}
-    text = {"name": "clip_text", "vocab_size": t.vocab_size, "context_length": t.max_position_embeddings,
-            "width": t.hidden_size, "layers": t.num_hidden_layers, "heads": t.num_attention_heads,
-            "mlp_ratio": t.intermediate_size / t.hidden_size, "act": _act(t.hidden_act), "ln_eps": t.layer_norm_eps}
+    image = {
+        "name": "clip_vit",
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "width": v.hidden_size,
+        "layers": v.num_hidden_layers,
+        "heads": v.num_attention_heads,
+        "in_chans": v.num_channels,
+        "mlp_ratio": v.intermediate_size / v.hidden_size,
+        "act": _act(v.hidden_act),
+        "ln_eps": v.layer_norm_eps,
+    }
+    text = {
+        "name": "clip_text",
+        "vocab_size": t.vocab_size,
+        "context_length": t.max_position_embeddings,
+        "width": t.hidden_size,
+        "layers": t.num_hidden_layers,
+        "heads": t.num_attention_heads,
+        "mlp_ratio": t.intermediate_size / t.hidden_size,
+        "act": _act(t.hidden_act),
+        "ln_eps": t.layer_norm_eps,
+    }
     if config.model_type == "clip":
         from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD
 
@@ -145,21 +181,42 @@ def hf_to_mmclip(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
         # transformers pools CLIP text at argmax(ids) for legacy configs (eos id 2), else at the first eos.
         pool = {"pool": "argmax"} if t.eos_token_id == 2 else {"pool": "eot", "eot_token_id": t.eos_token_id}
         text.update(pool, pad_token_id=t.pad_token_id if t.pad_token_id is not None else 0)
-        cfg = {"image_tower": image, "text_tower": text, "embed_dim": config.projection_dim,
-               "init_logit_scale": float(config.logit_scale_init_value)}
+        cfg = {
+            "image_tower": image,
+            "text_tower": text,
+            "embed_dim": config.projection_dim,
+            "init_logit_scale": float(config.logit_scale_init_value),
+        }
         return cfg, _convert_hf_state(state, _CLIP_KEYS)
     if config.model_type == "siglip":
         if not getattr(v, "vision_use_head", True):
             raise ValueError("SigLIP vision towers without the attention-pooling head are not supported")
-        image.update(_preprocessing(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), class_token=False,
-                     patch_bias=True, pre_norm=False, pool="map", resize_mode="squash")
-        text.update(causal=False, pool="last", pad_token_id=t.pad_token_id if t.pad_token_id is not None else 1,
-                    eot_token_id=t.eos_token_id if t.eos_token_id is not None else 1)
+        image.update(
+            _preprocessing(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            class_token=False,
+            patch_bias=True,
+            pre_norm=False,
+            pool="map",
+            resize_mode="squash",
+        )
+        text.update(
+            causal=False,
+            pool="last",
+            pad_token_id=t.pad_token_id if t.pad_token_id is not None else 1,
+            eot_token_id=t.eos_token_id if t.eos_token_id is not None else 1,
+        )
         embed = getattr(t, "projection_size", None) or t.hidden_size
         if v.hidden_size != embed:
             raise ValueError(f"SigLIP vision width {v.hidden_size} differs from the text projection {embed}")
-        cfg = {"image_tower": image, "text_tower": text, "embed_dim": embed, "image_proj": "none",
-               "text_proj_bias": True, "init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
+        cfg = {
+            "image_tower": image,
+            "text_tower": text,
+            "embed_dim": embed,
+            "image_proj": "none",
+            "text_proj_bias": True,
+            "init_logit_scale": math.log(10.0),
+            "init_logit_bias": -10.0,
+        }
         return cfg, _convert_hf_state(state, _SIGLIP_KEYS)
     raise ValueError(f"model_type {config.model_type!r} is not supported; mmclip reads 'clip' and 'siglip'")
 
@@ -225,17 +282,28 @@ def to_hf_clip(model: DualEncoder) -> Any:
     vb, tb = img.transformer.blocks[0], txt.transformer.blocks[0]
     config = CLIPConfig(
         text_config={
-            "vocab_size": txt.vocab_size, "hidden_size": txt.width, "intermediate_size": tb.mlp.fc1.out_features,
-            "num_attention_heads": tb.attn.heads, "num_hidden_layers": len(txt.transformer.blocks),
-            "max_position_embeddings": txt.context_length, "hidden_act": _act_name(tb),
-            "layer_norm_eps": tb.norm1.eps, "eos_token_id": 2 if txt.pool_type == "argmax" else txt.eot_token_id,
-            "pad_token_id": txt.pad_token_id, "bos_token_id": 49406 if txt.vocab_size == 49408 else 0,
+            "vocab_size": txt.vocab_size,
+            "hidden_size": txt.width,
+            "intermediate_size": tb.mlp.fc1.out_features,
+            "num_attention_heads": tb.attn.heads,
+            "num_hidden_layers": len(txt.transformer.blocks),
+            "max_position_embeddings": txt.context_length,
+            "hidden_act": _act_name(tb),
+            "layer_norm_eps": tb.norm1.eps,
+            "eos_token_id": 2 if txt.pool_type == "argmax" else txt.eot_token_id,
+            "pad_token_id": txt.pad_token_id,
+            "bos_token_id": 49406 if txt.vocab_size == 49408 else 0,
         },
         vision_config={
-            "hidden_size": img.width, "intermediate_size": vb.mlp.fc1.out_features,
-            "num_attention_heads": vb.attn.heads, "num_hidden_layers": len(img.transformer.blocks),
-            "image_size": img.image_size[0], "patch_size": img.patch_size, "hidden_act": _act_name(vb),
-            "layer_norm_eps": vb.norm1.eps, "num_channels": img.patch_embed.in_channels,
+            "hidden_size": img.width,
+            "intermediate_size": vb.mlp.fc1.out_features,
+            "num_attention_heads": vb.attn.heads,
+            "num_hidden_layers": len(img.transformer.blocks),
+            "image_size": img.image_size[0],
+            "patch_size": img.patch_size,
+            "hidden_act": _act_name(vb),
+            "layer_norm_eps": vb.norm1.eps,
+            "num_channels": img.patch_embed.in_channels,
         },
         projection_dim=model.embed_dim,
         logit_scale_init_value=float(model.logit_scale.detach()),
@@ -273,9 +341,20 @@ def export_hf(model: DualEncoder, directory: str | Path) -> Path:
     directory = Path(directory)
     to_hf_clip(model).save_pretrained(str(directory))
     cfg = model.image_tower.data_config
-    (directory / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": list(cfg.mean), "image_std": list(cfg.std), "size": {"shortest_edge": cfg.image_size[0]},
-        "crop_size": {"height": cfg.image_size[0], "width": cfg.image_size[1]}, "do_center_crop": True,
-        "do_resize": True, "do_normalize": True, "resample": 3, "image_processor_type": "CLIPImageProcessor",
-    }, indent=2))
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": list(cfg.mean),
+                "image_std": list(cfg.std),
+                "size": {"shortest_edge": cfg.image_size[0]},
+                "crop_size": {"height": cfg.image_size[0], "width": cfg.image_size[1]},
+                "do_center_crop": True,
+                "do_resize": True,
+                "do_normalize": True,
+                "resample": 3,
+                "image_processor_type": "CLIPImageProcessor",
+            },
+            indent=2,
+        )
+    )
     return directory

@@ -22,11 +22,25 @@ def _features(out: object) -> torch.Tensor:
 
 def _small_clip(eos_token_id: int = 49407, act: str = "quick_gelu") -> object:
     cfg = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
-                     "num_hidden_layers": 2, "max_position_embeddings": 77, "eos_token_id": eos_token_id,
-                     "hidden_act": act},
-        vision_config={"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2,
-                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 8, "hidden_act": act},
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": eos_token_id,
+            "hidden_act": act,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_act": act,
+        },
         projection_dim=32,
     )
     return randomize_(transformers.CLIPModel(cfg), seed=3).eval()
@@ -38,7 +52,7 @@ def _ids(n: int = 4, length: int = 20, eot: int = 49407, vocab: int = 49406) -> 
     ids[:, 0] = 49406 if vocab > 49406 else 0
     for i, end in enumerate([5, 19, 1, 10][:n]):
         ids[i, end] = eot
-        ids[i, end + 1:] = 0
+        ids[i, end + 1 :] = 0
     return ids
 
 
@@ -59,10 +73,22 @@ def test_hf_clip_from_pretrained(tmp_path: Path, eos_token_id: int, act: str) ->
 
 def test_hf_siglip_from_pretrained(tmp_path: Path) -> None:
     cfg = transformers.SiglipConfig(
-        text_config={"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
-                     "num_hidden_layers": 2, "max_position_embeddings": 64},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
-                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 8},
+        text_config={
+            "vocab_size": 1000,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 64,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
     )
     hf = randomize_(transformers.SiglipModel(cfg), seed=5).eval()
     hf.save_pretrained(tmp_path)
@@ -87,10 +113,12 @@ def test_export_hf_round_trip(tmp_path: Path, name: str) -> None:
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     ids = _ids(n=4)
     with torch.no_grad():
-        torch.testing.assert_close(_features(hf.get_image_features(pixel_values=images)), mm.encode_image(images),
-                                   atol=TOL, rtol=0)
-        torch.testing.assert_close(_features(hf.get_text_features(input_ids=ids)), mm.encode_text(ids),
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            _features(hf.get_image_features(pixel_values=images)), mm.encode_image(images), atol=TOL, rtol=0
+        )
+        torch.testing.assert_close(
+            _features(hf.get_text_features(input_ids=ids)), mm.encode_text(ids), atol=TOL, rtol=0
+        )
     back = mmclip.from_pretrained(tmp_path)
     ours, theirs = mm.state_dict(), back.state_dict()
     assert ours.keys() == theirs.keys()

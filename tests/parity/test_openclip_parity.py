@@ -24,10 +24,12 @@ def _compare(oc: torch.nn.Module, mm: mmclip.DualEncoder, seed: int = 0) -> None
     images = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(seed))
     ids = open_clip.tokenize(CAPTIONS)
     with torch.no_grad():
-        torch.testing.assert_close(mm.encode_image(images, normalize=True), oc.encode_image(images, normalize=True),
-                                   atol=TOL, rtol=0)
-        torch.testing.assert_close(mm.encode_text(ids, normalize=True), oc.encode_text(ids, normalize=True),
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            mm.encode_image(images, normalize=True), oc.encode_image(images, normalize=True), atol=TOL, rtol=0
+        )
+        torch.testing.assert_close(
+            mm.encode_text(ids, normalize=True), oc.encode_text(ids, normalize=True), atol=TOL, rtol=0
+        )
         torch.testing.assert_close(mm.logit_scale.exp(), oc.logit_scale.exp())
 
 
@@ -40,46 +42,112 @@ def _small_text() -> tuple[dict, dict]:
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_vit_small(quick_gelu: bool) -> None:
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(32, {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-                        oc_text, quick_gelu=quick_gelu)
+    oc = open_clip.CLIP(
+        32,
+        {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        oc_text,
+        quick_gelu=quick_gelu,
+    )
     act = "quick_gelu" if quick_gelu else "gelu"
-    mm = mmclip.DualEncoder({"name": "clip_vit", "image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
-                             "heads": 2, "act": act}, dict(mm_text, act=act), embed_dim=32)
+    mm = mmclip.DualEncoder(
+        {
+            "name": "clip_vit",
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 64,
+            "layers": 2,
+            "heads": 2,
+            "act": act,
+        },
+        dict(mm_text, act=act),
+        embed_dim=32,
+    )
     _compare(oc, mm)
 
 
 def test_vit_mean_pool_and_layer_scale() -> None:
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(32, {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,
-                             "pool_type": "avg", "ls_init_value": 0.1}, oc_text)
-    mm = mmclip.DualEncoder({"name": "clip_vit", "image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
-                             "heads": 2, "pool": "mean", "layer_scale_init": 0.1}, mm_text, embed_dim=32)
+    oc = open_clip.CLIP(
+        32,
+        {
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 64,
+            "layers": 2,
+            "head_width": 32,
+            "pool_type": "avg",
+            "ls_init_value": 0.1,
+        },
+        oc_text,
+    )
+    mm = mmclip.DualEncoder(
+        {
+            "name": "clip_vit",
+            "image_size": 32,
+            "patch_size": 8,
+            "width": 64,
+            "layers": 2,
+            "heads": 2,
+            "pool": "mean",
+            "layer_scale_init": 0.1,
+        },
+        mm_text,
+        embed_dim=32,
+    )
     _compare(oc, mm)
 
 
 def test_modified_resnet_small() -> None:
     oc_text, mm_text = _small_text()
     oc = open_clip.CLIP(32, {"image_size": 64, "layers": [1, 2, 1, 1], "width": 8}, oc_text)
-    mm = mmclip.DualEncoder({"name": "clip_resnet", "layers": [1, 2, 1, 1], "width": 8, "output_dim": 32,
-                             "image_size": 64}, mm_text, embed_dim=32, image_proj="none")
+    mm = mmclip.DualEncoder(
+        {"name": "clip_resnet", "layers": [1, 2, 1, 1], "width": 8, "output_dim": 32, "image_size": 64},
+        mm_text,
+        embed_dim=32,
+        image_proj="none",
+    )
     _compare(oc, mm)
 
 
 def test_timm_convnext_linear_head() -> None:
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(32, {"timm_model_name": "test_convnext", "timm_model_pretrained": False, "timm_pool": "",
-                             "timm_proj": "linear", "image_size": 64}, oc_text)
-    mm = mmclip.DualEncoder({"name": "timm", "model_name": "test_convnext", "image_size": 64}, mm_text,
-                            embed_dim=32)
+    oc = open_clip.CLIP(
+        32,
+        {
+            "timm_model_name": "test_convnext",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 64,
+        },
+        oc_text,
+    )
+    mm = mmclip.DualEncoder(
+        {"name": "timm", "model_name": "test_convnext", "image_size": 64}, mm_text, embed_dim=32
+    )
     _compare(oc, mm)
 
 
 def test_timm_efficientnet_mlp_head() -> None:
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(32, {"timm_model_name": "test_efficientnet", "timm_model_pretrained": False,
-                             "timm_pool": "avg", "timm_proj": "mlp", "image_size": 64}, oc_text)
-    mm = mmclip.DualEncoder({"name": "timm", "model_name": "test_efficientnet", "pool": "avg", "image_size": 64},
-                            mm_text, embed_dim=32, image_proj="mlp", image_proj_bias=False)
+    oc = open_clip.CLIP(
+        32,
+        {
+            "timm_model_name": "test_efficientnet",
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "mlp",
+            "image_size": 64,
+        },
+        oc_text,
+    )
+    mm = mmclip.DualEncoder(
+        {"name": "timm", "model_name": "test_efficientnet", "pool": "avg", "image_size": 64},
+        mm_text,
+        embed_dim=32,
+        image_proj="mlp",
+        image_proj_bias=False,
+    )
     _compare(oc, mm)
 
 
@@ -95,8 +163,17 @@ def test_named_config(name: str) -> None:
 def test_openai_quickgelu_named_matches_openclip_quickgelu_names() -> None:
     """Every OpenAI name exists in both libraries, with a -quickgelu twin."""
     oc_names = set(open_clip.list_models())
-    for name in ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14",
-                 "ViT-L-14-336"]:
+    for name in [
+        "RN50",
+        "RN101",
+        "RN50x4",
+        "RN50x16",
+        "RN50x64",
+        "ViT-B-32",
+        "ViT-B-16",
+        "ViT-L-14",
+        "ViT-L-14-336",
+    ]:
         for variant in (name, name + "-quickgelu"):
             assert variant in mmclip.list_models()
             assert variant in oc_names

@@ -98,6 +98,8 @@ class ClipModifiedResNet(BaseTower):
         image_size: input size in pixels; must be divisible by 32.
         heads: attention-pool heads (default 32w / 64).
         pool: "attn" (CLIP) or "avg" (global average, output_dim becomes 32w).
+        channels_last: run the convolutions in channels-last memory format (same results; faster on
+            oneDNN CPUs and on tensor-core GPUs).
     """
 
     def __init__(
@@ -111,8 +113,10 @@ class ClipModifiedResNet(BaseTower):
         mean: tuple[float, ...] = OPENAI_MEAN,
         std: tuple[float, ...] = OPENAI_STD,
         interpolation: str = "bicubic",
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         if image_size % 32:
             raise ValueError(f"image_size must be divisible by 32, got {image_size}")
         if pool not in ("attn", "avg"):
@@ -161,6 +165,8 @@ class ClipModifiedResNet(BaseTower):
                 f"{tuple(x.shape[-2:])}: preprocess with the tower's data_config, or build the tower with "
                 "a matching image_size"
             )
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for stage in self.stages:
             if self.grad_checkpointing and torch.is_grad_enabled():

@@ -31,8 +31,9 @@ def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1,
-                       mode: str = "bicubic") -> torch.Tensor:
+def resample_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int = 1, mode: str = "bicubic"
+) -> torch.Tensor:
     """Resizes learned (P + N, D) position embeddings to a new patch grid (P prefix tokens kept).
 
     The old grid must be square (as in all CLIP checkpoints).
@@ -117,12 +118,16 @@ class ClipVisionTransformer(BaseTower):
         num_tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix
         self.pos_embed = nn.Parameter(scale * torch.randn(num_tokens, width))
         self.norm_pre = LayerNorm(width, eps=ln_eps) if pre_norm else nn.Identity()
-        self.transformer = Transformer(width, layers, heads or max(1, width // 64), mlp_ratio, act, ln_eps,
-                                       layer_scale_init)
+        self.transformer = Transformer(
+            width, layers, heads or max(1, width // 64), mlp_ratio, act, ln_eps, layer_scale_init
+        )
         self.transformer.init_weights()
         self.norm_post = LayerNorm(width, eps=ln_eps)
-        pool_spec: Any = {"name": "map", "heads": heads, "mlp_ratio": mlp_ratio, "act": act,
-                          "ln_eps": ln_eps} if pool == "map" else pool
+        pool_spec: Any = (
+            {"name": "map", "heads": heads, "mlp_ratio": mlp_ratio, "act": act, "ln_eps": ln_eps}
+            if pool == "map"
+            else pool
+        )
         self.pool = build_pooler(pool_spec, width)
 
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:

@@ -46,14 +46,18 @@ class HFTextTower(BaseTower):
             raise ValueError("HFTextTower needs exactly one of model_name_or_path or config")
         if config is not None:
             if "model_type" not in config:
-                raise ValueError("an HF text tower config needs a 'model_type' key, e.g. {'model_type': 'bert'}")
+                raise ValueError(
+                    "an HF text tower config needs a 'model_type' key, e.g. {'model_type': 'bert'}"
+                )
             cfg_kwargs = {k: v for k, v in config.items() if k != "model_type"}
             hf_config = AutoConfig.for_model(config["model_type"], **cfg_kwargs)
             self.encoder = _without_pooler(AutoModel.from_config, hf_config)
         elif pretrained:
             self.encoder = _without_pooler(AutoModel.from_pretrained, model_name_or_path)
         else:
-            self.encoder = _without_pooler(AutoModel.from_config, AutoConfig.from_pretrained(model_name_or_path))
+            self.encoder = _without_pooler(
+                AutoModel.from_config, AutoConfig.from_pretrained(model_name_or_path)
+            )
         self.config = self.encoder.config
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
         self.output_dim = int(self.config.hidden_size)
@@ -63,17 +67,34 @@ class HFTextTower(BaseTower):
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         embeddings = getattr(self.encoder, "embeddings", None)
         layers = _find_layers(self.encoder)
-        covered = {id(p) for m in ([embeddings] if embeddings is not None else []) + list(layers)
-                   for p in m.parameters()}
+        covered = {
+            id(p)
+            for m in ([embeddings] if embeddings is not None else []) + list(layers)
+            for p in m.parameters()
+        }
         rest = [p for p in self.encoder.parameters() if id(p) not in covered]
         first: list[nn.Module | nn.Parameter] = [embeddings] if embeddings is not None else []
-        return [first, *[[layer] for layer in layers], [*rest, self.pool]]
+        groups: list[list[nn.Module | nn.Parameter]] = [first, *[[layer] for layer in layers]]
+        if rest or any(True for _ in self.pool.parameters()):
+            groups.append([*rest, self.pool])  # e.g. a final norm after the blocks
+        else:
+            groups[-1].append(self.pool)
+        return groups
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        on = (
+            getattr(self.encoder, "activation_checkpointing_enable", None)
+            or self.encoder.gradient_checkpointing_enable
+        )
+        off = (
+            getattr(self.encoder, "activation_checkpointing_disable", None)
+            or self.encoder.gradient_checkpointing_disable
+        )
         if enable:
-            self.encoder.gradient_checkpointing_enable({"use_reentrant": False})
+            on({"use_reentrant": False})
         else:
-            self.encoder.gradient_checkpointing_disable()
+            off()
 
     def forward(self, ids: torch.Tensor) -> TowerOutput:
         mask = ids != self.pad_token_id  # (B, L)

@@ -1,0 +1,194 @@
+"""The tower contract (DESIGN.md), checked on every registered tower with a tiny spec."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mmclip
+from mmclip.registry import IMAGE_TOWERS, TEXT_TOWERS
+from mmclip.towers.base import DataConfig
+from tests.conftest import randomize_
+
+TINY_IMAGE = {
+    "clip_vit": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
+    "clip_resnet": {"layers": [1, 1, 1, 1], "width": 8, "output_dim": 32, "image_size": 64},
+    "timm": {"model_name": "test_efficientnet", "image_size": 64},
+}
+TINY_TEXT = {
+    "clip_text": {"width": 64, "layers": 2, "heads": 2, "vocab_size": 1000},
+    "hf": {
+        "config": {
+            "model_type": "bert",
+            "vocab_size": 1000,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        }
+    },
+}
+B = 3
+
+
+def _image_input(tower: torch.nn.Module) -> torch.Tensor:
+    h, w = tower.data_config.image_size
+    return torch.randn(B, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def _text_input() -> torch.Tensor:
+    ids = torch.randint(1, 998, (B, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, 6:] = 0
+    ids[0, 5] = 999  # largest id = end of text for argmax pooling
+    ids[1, 15] = 999
+    ids[2, 9] = 999
+    ids[2, 10:] = 0
+    return ids
+
+
+def _build(kind: str, name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    if kind == "image":
+        tower = randomize_(IMAGE_TOWERS.build({"name": name, **TINY_IMAGE[name]}), seed=1)
+        return tower, _image_input(tower)
+    return randomize_(TEXT_TOWERS.build({"name": name, **TINY_TEXT[name]}), seed=1), _text_input()
+
+
+TOWERS = [("image", n) for n in IMAGE_TOWERS.names()] + [("text", n) for n in TEXT_TOWERS.names()]
+
+
+def test_every_registered_tower_has_a_tiny_spec() -> None:
+    assert set(IMAGE_TOWERS.names()) == set(TINY_IMAGE), "add a tiny spec for each new image tower"
+    assert set(TEXT_TOWERS.names()) == set(TINY_TEXT), "add a tiny spec for each new text tower"
+
+
+@pytest.mark.parametrize("kind,name", TOWERS)
+def test_output_contract(kind: str, name: str) -> None:
+    tower, x = _build(kind, name)
+    assert isinstance(tower, mmclip.towers.Tower)
+    out = tower.eval()(x)
+    assert isinstance(out, mmclip.TowerOutput)
+    assert out.pooled.shape == (B, tower.output_dim)
+    assert out.tokens is not None and out.tokens.ndim == 3 and out.tokens.shape[0] == B
+    if out.mask is not None:
+        assert out.mask.dtype == torch.bool and out.mask.shape == out.tokens.shape[:2]
+    assert torch.isfinite(out.pooled).all()
+    if kind == "image":
+        assert isinstance(tower.data_config, DataConfig)
+        assert tuple(x.shape[-2:]) == tower.data_config.image_size
+
+
+@pytest.mark.parametrize("kind,name", TOWERS)
+def test_lock_freezes_all_then_unlocks_last_groups(kind: str, name: str) -> None:
+    tower, x = _build(kind, name)
+    tower.lock()
+    assert not any(p.requires_grad for p in tower.parameters())
+
+    tower, x = _build(kind, name)
+    groups = tower.layer_groups()
+    last = {
+        id(p)
+        for item in groups[-1]
+        for p in ([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+    }
+    tower.lock(unlocked_groups=1)
+    trainable = {id(p) for p in tower.parameters() if p.requires_grad}
+    assert trainable and trainable <= last
+    tower.train()(x).pooled.sum().backward()
+    for p in tower.parameters():
+        assert (p.grad is None) == (not p.requires_grad) or not p.requires_grad
+
+    with pytest.raises(ValueError, match="unlocked_groups"):
+        tower.lock(unlocked_groups=len(groups) + 1)
+
+
+@pytest.mark.parametrize("kind,name", TOWERS)
+def test_grad_checkpointing_same_gradients(kind: str, name: str) -> None:
+    tower, x = _build(kind, name)
+    tower.train()  # checkpointing only engages in training for some trunks; tiny specs have no dropout
+    twin = copy.deepcopy(tower)
+    twin.set_grad_checkpointing(True)
+    for model in (tower, twin):
+        out = model(x)
+        (out.pooled.square().sum() + out.tokens.mean()).backward()
+    for (n, p), q in zip(tower.named_parameters(), twin.parameters(), strict=True):
+        if p.grad is None:
+            assert q.grad is None, n
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("name", ["clip_resnet", "timm"])
+def test_lock_freeze_norm_keeps_batchnorm_statistics(name: str) -> None:
+    tower, x = _build("image", name)
+    stats = {k: v.clone() for k, v in tower.state_dict().items() if "running_mean" in k}
+    assert stats, "this tower should have BatchNorm"
+    tower.lock(freeze_norm=True)
+    tower.train()(x)
+    after = tower.state_dict()
+    for key, value in stats.items():
+        assert torch.equal(after[key], value), key
+    # without freeze_norm, train mode moves the statistics
+    tower, x = _build("image", name)
+    tower.lock()
+    tower.train()(x)
+    assert any(not torch.equal(tower.state_dict()[k], v) for k, v in stats.items())
+
+
+def test_text_trim_gives_identical_outputs() -> None:
+    trimmed = randomize_(TEXT_TOWERS.build({"name": "clip_text", **TINY_TEXT["clip_text"]}), seed=2).eval()
+    full = copy.deepcopy(trimmed)
+    full.trim = False
+    ids = torch.zeros(B, 77, dtype=torch.long)
+    ids[:, :16] = _text_input()
+    a, b = trimmed(ids), full(ids)
+    assert a.tokens.shape[1] == 16 and b.tokens.shape[1] == 77  # longest real sequence ends at position 15
+    torch.testing.assert_close(a.pooled, b.pooled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.tokens, b.tokens[:, :16], atol=1e-6, rtol=0)
+
+
+def test_eot_pooling_uses_first_end_of_text() -> None:
+    tower = randomize_(
+        TEXT_TOWERS.build({"name": "clip_text", **TINY_TEXT["clip_text"], "pool": "eot", "eot_token_id": 7}),
+        seed=2,
+    ).eval()
+    ids = torch.tensor([[1, 5, 7, 7, 7, 7], [1, 5, 9, 9, 7, 7]])
+    out = tower(ids)
+    assert out.mask.sum(1).tolist() == [3, 5]
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(2), torch.tensor([2, 4])])
+
+
+def test_patch_dropout_keeps_class_token_and_fraction() -> None:
+    tower = IMAGE_TOWERS.build({"name": "clip_vit", **TINY_IMAGE["clip_vit"], "patch_dropout": 0.5})
+    x = _image_input(tower)
+    assert tower.train()(x).tokens.shape[1] == 8  # 16 patches -> max(1, int(16 * 0.5))
+    assert tower.eval()(x).tokens.shape[1] == 16
+    no_drop = copy.deepcopy(tower)
+    no_drop.patch_dropout = 0.0
+    torch.testing.assert_close(tower.eval()(x).pooled, no_drop.eval()(x).pooled)
+
+
+def test_resample_pos_embed_identity_and_shape() -> None:
+    from mmclip.towers.image.clip_vit import resample_pos_embed
+
+    pe = torch.randn(1 + 16, 8)
+    assert torch.equal(resample_pos_embed(pe, (4, 4)), pe)
+    up = resample_pos_embed(pe, (6, 6))
+    assert up.shape == (37, 8) and torch.equal(up[0], pe[0])
+    # a constant grid stays constant under bicubic resampling
+    const = torch.ones(17, 8)
+    torch.testing.assert_close(resample_pos_embed(const, (7, 7))[1:], torch.ones(49, 8))
+
+
+def test_load_at_other_resolution_resamples_positions() -> None:
+    from mmclip.models.convert import load_checkpoint
+
+    small = mmclip.create_model("tiny-vit")
+    big = mmclip.create_model("tiny-vit", image_tower={"image_size": 48})
+    load_checkpoint(big, small.state_dict())
+    assert big.image_tower.pos_embed.shape == (1 + 36, 64)
+    out = big.eval().encode_image(torch.randn(1, 3, 48, 48))
+    assert out.shape == (1, 32)

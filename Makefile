@@ -17,7 +17,8 @@ demo: install
 	$(PY) -m mmclip.cli.main models
 
 test: install
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: install
 	$(PY) -m ruff check mmclip tests benchmarks

@@ -1,7 +1,10 @@
 """mmclip: CLIP-style multimodal models as parts that snap together."""
 
+from mmclip import losses as _losses  # noqa: F401  (registers the built-in losses)
 from mmclip import towers as _towers  # noqa: F401  (registers the built-in towers and poolers)
+from mmclip.losses import ClipLoss, SigLipLoss
 from mmclip.models import DualEncoder, count_parameters, create_model, get_model_config, list_models
+from mmclip.models.convert import CheckpointError
 from mmclip.models.hf_interop import export_hf, from_pretrained, to_hf_clip
 from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, LOSSES, POOLERS, TEXT_TOWERS, Registry
@@ -15,11 +18,14 @@ __all__ = [
     "POOLERS",
     "TEXT_TOWERS",
     "CaptionOutput",
+    "CheckpointError",
+    "ClipLoss",
     "ClipTokenizer",
     "DualEncoder",
     "DualEncoderOutput",
     "HFTokenizer",
     "Registry",
+    "SigLipLoss",
     "TowerOutput",
     "count_parameters",
     "export_hf",

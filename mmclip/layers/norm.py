@@ -46,13 +46,15 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
-    """Returns ``module`` with every BatchNorm2d inside replaced by a FrozenBatchNorm2d copy.
+    """Returns ``module`` with every plain BatchNorm2d / SyncBatchNorm inside replaced by a FrozenBatchNorm2d.
 
-    Statistics and affine values are copied, so outputs in eval mode are unchanged, and the
-    statistics no longer move when the model is put back in train mode.
+    Statistics and affine values are copied, so outputs in eval mode are unchanged, and the statistics no
+    longer move when the model is put back in train mode. Subclasses that do more than normalise (timm's
+    BatchNormAct2d, for instance) are left alone: their owners freeze them with their own tools.
     """
-    if isinstance(module, nn.BatchNorm2d):
-        frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        ref = module.running_mean if module.running_mean is not None else module.weight
+        frozen = FrozenBatchNorm2d(module.num_features, module.eps).to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if module.affine:
                 frozen.weight.copy_(module.weight)
@@ -60,7 +62,7 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
             if module.running_mean is not None:
                 frozen.running_mean.copy_(module.running_mean)
                 frozen.running_var.copy_(module.running_var)
-        return frozen.to(device=module.weight.device if module.affine else None)
+        return frozen
     for name, child in module.named_children():
         new = freeze_batch_norm(child)
         if new is not child:

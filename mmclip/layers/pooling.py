@@ -72,7 +72,7 @@ class MapPool(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm = LayerNorm(width, eps=ln_eps)
-        hidden = int(width * mlp_ratio)
+        hidden = round(width * mlp_ratio)
         self.mlp = nn.Sequential()
         self.mlp.add_module("fc1", nn.Linear(width, hidden))
         self.mlp.add_module("act", get_activation(act))

@@ -73,7 +73,7 @@ class TransformerBlock(nn.Module):
         layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
-        hidden = int(width * mlp_ratio)
+        hidden = round(width * mlp_ratio)
         self.norm1 = LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads)
         self.norm2 = LayerNorm(width, eps=ln_eps)

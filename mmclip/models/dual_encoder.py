@@ -137,13 +137,24 @@ class DualEncoder(nn.Module):
             text_output=text_out if self.keep_tower_outputs else None,
         )
 
-    def lock_image_tower(self, unlocked_groups: int = 0, freeze_norm: bool = False) -> None:
-        """LiT: freeze the image tower (but its last ``unlocked_groups`` groups)."""
-        self.image_tower.lock(unlocked_groups, freeze_norm)
+    def lock_image_tower(
+        self, unlocked_groups: int = 0, freeze_norm: bool = False, lock_proj: bool = True
+    ) -> None:
+        """LiT: freeze the image tower but its last ``unlocked_groups`` layer groups, and its projection.
 
-    def lock_text_tower(self, unlocked_groups: int = 0, freeze_norm: bool = False) -> None:
-        """Freeze the text tower (but its last ``unlocked_groups`` groups)."""
+        With ``lock_proj`` (default) the image embedding is fully frozen whatever the tower: ViT and timm
+        towers keep their projection in the dual encoder, the modified ResNet and SigLIP's attention-pool
+        head inside the tower, and both end up locked alike.
+        """
+        self.image_tower.lock(unlocked_groups, freeze_norm)
+        self.image_proj.requires_grad_(not lock_proj)
+
+    def lock_text_tower(
+        self, unlocked_groups: int = 0, freeze_norm: bool = False, lock_proj: bool = True
+    ) -> None:
+        """Freeze the text tower but its last ``unlocked_groups`` layer groups, and (``lock_proj``) its projection."""
         self.text_tower.lock(unlocked_groups, freeze_norm)
+        self.text_proj.requires_grad_(not lock_proj)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_tower.set_grad_checkpointing(enable)

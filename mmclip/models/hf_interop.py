@@ -261,6 +261,8 @@ def _check_exportable(model: DualEncoder) -> None:
             problems.append(f"{name} must be a linear projection without bias")
     if model.logit_bias is not None:
         problems.append("HF CLIPModel has no logit bias")
+    if isinstance(img, ClipVisionTransformer) and img.image_size[0] != img.image_size[1]:
+        problems.append(f"HF CLIPModel needs square images, not {img.image_size}")
     if problems:
         raise ValueError("model cannot be exported as a HF CLIPModel: " + "; ".join(problems))
 

@@ -93,7 +93,11 @@ class BaseTower(nn.Module):
                 if id(child) in frozen_modules:
                     parent_name, _, attr = name.rpartition(".")
                     parent = self.get_submodule(parent_name) if parent_name else self
-                    setattr(parent, attr, freeze_batch_norm(child))
+                    setattr(parent, attr, self._freeze_norm(child))
+
+    def _freeze_norm(self, module: nn.Module) -> nn.Module:
+        """Returns ``module`` with its BatchNorm layers frozen (towers with special norms override)."""
+        return freeze_batch_norm(module)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recomputes block activations in backward instead of storing them."""

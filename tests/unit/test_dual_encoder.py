@@ -128,9 +128,13 @@ def test_openai_style_checkpoint_with_meta_keys(tmp_path: Path) -> None:
     torch.testing.assert_close(model.text_tower.pos_embed, oc.positional_embedding)
 
 
-def test_lock_image_tower_lit() -> None:
-    model = mmclip.create_model("tiny-vit")
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-resnet", "tiny-siglip"])
+def test_lock_image_tower_lit(name: str) -> None:
+    model = mmclip.create_model(name)
     model.lock_image_tower()
-    assert not any(p.requires_grad for p in model.image_tower.parameters())
+    image_params = [*model.image_tower.parameters(), *model.image_proj.parameters()]
+    assert not any(p.requires_grad for p in image_params)  # the image embedding is fully frozen
     assert all(p.requires_grad for p in model.text_tower.parameters())
-    assert model.image_proj.weight.requires_grad  # LiT keeps the projection trainable
+    model = mmclip.create_model(name)
+    model.lock_image_tower(lock_proj=False)
+    assert all(p.requires_grad for p in model.image_proj.parameters())

@@ -8,6 +8,8 @@ dual encoder uses projection "none" for this tower.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +87,27 @@ class AttentionPool2d(nn.Module):
         v = self.v(x).view(B, -1, H, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, d)
         return self.out(out.transpose(1, 2).reshape(B, C))  # (B, output_dim)
+
+
+@contextmanager
+def _restore_batch_norm_buffers(module: nn.Module):
+    """Undoes the BatchNorm statistics update of a checkpointed segment's recompute in backward."""
+    saved = [
+        (b, b.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in m.buffers()
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def _checkpoint_contexts(module: nn.Module):
+    return lambda: (nullcontext(), _restore_batch_norm_buffers(module))
 
 
 @IMAGE_TOWERS.register("clip_resnet", aliases=("modified_resnet",))
@@ -170,7 +193,7 @@ class ClipModifiedResNet(BaseTower):
         x = self.stem(x)
         for stage in self.stages:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=_checkpoint_contexts(stage))
             else:
                 x = stage(x)  # (B, C, H, W)
         tokens = x.flatten(2).transpose(1, 2)  # (B, HW, 32w)

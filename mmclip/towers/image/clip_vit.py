@@ -46,7 +46,7 @@ def resample_pos_embed(
         return pos_embed
     dim = grid.shape[1]
     grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()  # (1, D, g, g)
-    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
+    grid = F.interpolate(grid, size=new_grid, mode=mode, antialias=True, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(pos_embed.dtype)  # (N', D)
     return torch.cat([prefix, grid], dim=0)
 

@@ -61,10 +61,14 @@ class TimmTower(BaseTower):
             kwargs["global_pool"] = pool
         if drop_path is not None:
             kwargs["drop_path_rate"] = drop_path
-        if image_size is not None and "vit" in model_name.lower():
-            kwargs.setdefault("img_size", image_size)
         self.model_name = model_name
-        self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        try:  # transformers-style models take the input size (their position grid depends on it)
+            sized = {"img_size": image_size} if image_size is not None and "img_size" not in kwargs else {}
+            self.trunk = timm.create_model(
+                model_name, pretrained=pretrained, num_classes=0, **sized, **kwargs
+            )
+        except TypeError:  # convnets take any size
+            self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
         self.output_dim = int(self.trunk.num_features)
         cfg = self.trunk.pretrained_cfg or {}
         size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
@@ -87,11 +91,20 @@ class TimmTower(BaseTower):
             groups.append(group)
         return groups
 
+    def _freeze_norm(self, module: nn.Module) -> nn.Module:
+        from timm.layers import freeze_batch_norm_2d
+
+        return freeze_batch_norm_2d(module)  # also handles BatchNormAct2d (norm + activation)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> TowerOutput:
         features = self.trunk.forward_features(x)  # (B, C, H, W) or (B, N, D)
         pooled = self.trunk.forward_head(features, pre_logits=True)  # (B, C)
-        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # (B, N, C)
+        if features.ndim == 4:
+            nhwc = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"  # e.g. Swin
+            tokens = features.flatten(1, 2) if nhwc else features.flatten(2).transpose(1, 2)  # (B, HW, C)
+        else:
+            tokens = features[:, getattr(self.trunk, "num_prefix_tokens", 0) :]  # (B, N, C) patch tokens only
         return TowerOutput(pooled=pooled, tokens=tokens)

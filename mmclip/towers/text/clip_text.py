@@ -43,6 +43,10 @@ class ClipTextTransformer(BaseTower):
         pad_token_id: padding id, used for the token mask.
         ln_eps: LayerNorm epsilon.
         trim: with a causal mask and end-of-text pooling, drop positions after the last pooled one.
+            ``tokens`` and ``mask`` then have the batch's trimmed length, not ``context_length``.
+
+    ``TowerOutput.mask`` marks the tokens up to and including end-of-text for the end-of-text pools, and
+    ``ids != pad_token_id`` for the others.
     """
 
     def __init__(
@@ -105,8 +109,9 @@ class ClipTextTransformer(BaseTower):
             )
         B = ids.shape[0]
         index = self.pool_index(ids) if self.pool is None else None  # (B,)
-        if self.trim and index is not None and B > 0:
-            ids = ids[:, : int(index.max()) + 1]  # one host sync; saves (77 - L) / 77 of the compute
+        if self.trim and index is not None and B > 0 and not torch.compiler.is_compiling():
+            # one host sync per batch for (77 - L) / 77 less compute; compiled graphs keep a fixed length
+            ids = ids[:, : int(index.max()) + 1]
         L = ids.shape[1]
         x = self.token_embed(ids) + self.pos_embed[:L].to(self.token_embed.weight.dtype)  # (B, L, D)
         x = self.transformer(x, causal=self.causal)

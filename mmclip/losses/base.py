@@ -1,0 +1,97 @@
+"""What every contrastive loss shares: input checks, the exchange choice and the temperature policy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmclip.losses.distributed import EXCHANGES
+from mmclip.outputs import DualEncoderOutput
+
+__all__ = ["ContrastiveLoss", "clamp_logit_scale_"]
+
+
+def clamp_logit_scale_(logit_scale: torch.Tensor, max_scale: float = 100.0) -> None:
+    """Clamps a log-temperature parameter in place to [0, log(max_scale)] (call after the optimizer step)."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, math.log(max_scale))
+
+
+class ContrastiveLoss(nn.Module):
+    """Base class: ``loss(output)`` reads a ``DualEncoderOutput`` by field name and returns a dict with ``loss``.
+
+    Subclasses implement ``compute(image_embeds, text_embeds, logit_scale, logit_bias)`` and declare the
+    exchanges they support. A loss reads ``torch.distributed`` state when called, never in ``__init__``.
+
+    Args:
+        exchange: how negatives are shared across processes (see ``mmclip.losses.distributed``).
+        max_logit_scale: temperature policy: the largest ``exp(logit_scale)`` allowed, or None.
+        check_inputs: also check that features and scales are finite (a host-device sync: debugging only).
+    """
+
+    supported_exchanges: tuple[str, ...] = ()
+
+    def __init__(self, exchange: str, max_logit_scale: float | None, check_inputs: bool = False) -> None:
+        super().__init__()
+        if exchange not in self.supported_exchanges:
+            known = [e for e in EXCHANGES if e in self.supported_exchanges]
+            raise ValueError(
+                f"{type(self).__name__} does not support exchange {exchange!r}; supported: {known}"
+            )
+        self.exchange = exchange
+        self.max_logit_scale = max_logit_scale
+        self.check_inputs = check_inputs
+
+    def forward(self, output: DualEncoderOutput) -> dict[str, torch.Tensor]:
+        return self.compute(output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias)
+
+    def compute(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def clamp_(self, logit_scale: torch.Tensor) -> None:
+        """Applies this loss's temperature policy to the model's ``logit_scale`` parameter (after a step)."""
+        if self.max_logit_scale is not None:
+            clamp_logit_scale_(logit_scale, self.max_logit_scale)
+
+    def validate(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape checks (free) and, with ``check_inputs``, finiteness checks; returns fp32 features."""
+        if image_embeds.ndim != 2 or text_embeds.ndim != 2:
+            raise ValueError(
+                f"features must be (batch, dim); got image {tuple(image_embeds.shape)} and text "
+                f"{tuple(text_embeds.shape)}"
+            )
+        if image_embeds.shape != text_embeds.shape:
+            raise ValueError(
+                f"image and text features must pair up one to one; got image {tuple(image_embeds.shape)} and "
+                f"text {tuple(text_embeds.shape)}: give each image exactly one caption per step"
+            )
+        if logit_scale.numel() != 1 or (logit_bias is not None and logit_bias.numel() != 1):
+            raise ValueError("logit_scale and logit_bias must be scalars")
+        if self.check_inputs:
+            for name, t in (
+                ("image_embeds", image_embeds),
+                ("text_embeds", text_embeds),
+                ("logit_scale", logit_scale),
+                ("logit_bias", logit_bias),
+            ):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise FloatingPointError(
+                        f"{name} has non-finite values (NaN or inf): check the learning rate, "
+                        "mixed precision and the inputs of this step"
+                    )
+        # the loss is computed in fp32 whatever the towers ran in
+        return image_embeds.float(), text_embeds.float()

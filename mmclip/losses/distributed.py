@@ -1,0 +1,126 @@
+"""Feature exchange across processes for contrastive losses: the one home of collective communication.
+
+Three exchanges, chosen by name in a loss's constructor:
+
+- ``gather``: all-gather with gradient. The backward pass sums, on each rank, the gradients that every
+  rank's loss sends to that rank's features (a reduce-scatter).
+- ``ring`` / ``bidir_ring``: point-to-point sends of features around a ring (one or both directions);
+  each step holds one remote shard at a time, and gradients travel back the way the features came.
+- ``local``: no exchange; each rank only sees its own batch.
+
+Everything reads ``torch.distributed`` state when called, so one loss object serves one process or many.
+
+Gradient convention (what the tests assert): with W processes, each rank's loss is its share of the
+global loss times W (``mean over ranks of the per-rank losses == global loss``), and each rank's
+feature gradient is W times the global loss's gradient for those features. DDP's gradient averaging
+(divide by W) then gives exactly the gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["EXCHANGES", "world", "gather_with_grad", "neighbour_exchange", "ring_shards"]
+
+EXCHANGES = ("gather", "ring", "bidir_ring", "local")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gathers (b, D) features from every rank into (W * b, D), rank order, keeping gradients."""
+    rank, size = world()
+    if size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    parts = list(all_gather(x.contiguous()))
+    parts[rank] = x  # the local shard keeps its direct autograd path
+    return torch.cat(parts, dim=0)
+
+
+def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Sends ``x`` to ``to`` and returns what ``frm`` sent; gradients go back the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, to: int, frm: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.to, ctx.frm = to, frm
+        out = torch.empty_like(x)
+        _p2p([(x.contiguous(), to)], [(out, frm)])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        out = torch.empty_like(grad)
+        _p2p([(grad.contiguous(), ctx.frm)], [(out, ctx.to)])
+        return out, None, None
+
+
+class _BidirExchange(torch.autograd.Function):
+    """Sends ``left`` to the left neighbour and ``right`` to the right one; returns (from left, from right)."""
+
+    @staticmethod
+    def forward(ctx, to_left: torch.Tensor, to_right: torch.Tensor, left: int, right: int):  # type: ignore[override]
+        ctx.left, ctx.right = left, right
+        from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
+        _p2p(
+            [(to_left.contiguous(), left), (to_right.contiguous(), right)],
+            [(from_left, left), (from_right, right)],
+        )
+        return from_left, from_right
+
+    @staticmethod
+    def backward(ctx, g_from_left: torch.Tensor, g_from_right: torch.Tensor):  # type: ignore[override]
+        g_to_left, g_to_right = torch.empty_like(g_from_right), torch.empty_like(g_from_left)
+        _p2p(
+            [(g_from_left.contiguous(), ctx.left), (g_from_right.contiguous(), ctx.right)],
+            [(g_to_left, ctx.left), (g_to_right, ctx.right)],
+        )
+        return g_to_left, g_to_right, None, None
+
+
+def neighbour_exchange(x: torch.Tensor, to: int, frm: int) -> torch.Tensor:
+    """Differentiable send of ``x`` to rank ``to`` and receive from rank ``frm``."""
+    return _NeighbourExchange.apply(x, to, frm)
+
+
+def ring_shards(x: torch.Tensor, bidirectional: bool = False) -> Iterator[torch.Tensor]:
+    """Yields every other rank's ``x`` once, one shard at a time, passed around a ring.
+
+    A plain ring takes W - 1 steps; a bidirectional ring sends both ways and takes ceil((W - 1) / 2).
+    Shards are yielded as soon as they arrive, so a caller that consumes each before asking for the
+    next holds one remote shard (plus what autograd keeps) at a time.
+    """
+    rank, size = world()
+    if size == 1:
+        return
+    left, right = (rank - 1) % size, (rank + 1) % size
+    if not bidirectional:
+        current = x
+        for _ in range(size - 1):
+            current = neighbour_exchange(current, right, left)  # shard of rank - step
+            yield current
+        return
+    to_left = to_right = x
+    for _ in range((size - 1) // 2):
+        from_left, from_right = _BidirExchange.apply(to_left, to_right, left, right)
+        yield from_left
+        yield from_right
+        to_left, to_right = from_right, from_left  # keep passing each shard the way it was going
+    if (size - 1) % 2:
+        yield neighbour_exchange(to_right, right, left)

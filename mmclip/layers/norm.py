@@ -17,9 +17,11 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            # fp32/fp64 run as they are; autocast lists layer_norm as an fp32 op, so fp32 stays fp32 under it
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        # autocast lists layer_norm as an fp32 op, so fp32 inputs stay fp32 under it too.
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 

@@ -13,6 +13,10 @@ from mmclip.outputs import DualEncoderOutput
 __all__ = ["ContrastiveLoss", "clamp_logit_scale_"]
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def clamp_logit_scale_(logit_scale: torch.Tensor, max_scale: float = 100.0) -> None:
     """Clamps a log-temperature parameter in place to [0, log(max_scale)] (call after the optimizer step)."""
     with torch.no_grad():
@@ -93,5 +97,5 @@ class ContrastiveLoss(nn.Module):
                         f"{name} has non-finite values (NaN or inf): check the learning rate, "
                         "mixed precision and the inputs of this step"
                     )
-        # the loss is computed in fp32 whatever the towers ran in
-        return image_embeds.float(), text_embeds.float()
+        # the loss is computed in fp32 (or wider) whatever the towers ran in
+        return _at_least_fp32(image_embeds), _at_least_fp32(text_embeds)

@@ -49,7 +49,7 @@ class ClipLoss(ContrastiveLoss):
         logit_bias: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         x, y = self.validate(image_embeds, text_embeds, logit_scale, logit_bias)
-        scale = logit_scale.float()
+        scale = logit_scale.to(x.dtype)
         b = x.shape[0]
         rank, size = world()
         if self.exchange == "gather" and size > 1:

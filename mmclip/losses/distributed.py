@@ -35,16 +35,37 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gathers (b, D) features from every rank into (W * b, D), rank order, keeping gradients."""
-    rank, size = world()
-    if size == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient for this rank's shard (reduce-scatter)."""
 
-    parts = list(all_gather(x.contiguous()))
-    parts[rank] = x  # the local shard keeps its direct autograd path
-    return torch.cat(parts, dim=0)
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rank, size = world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather(list(out.chunk(size)), x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        total = grad.clone()  # gloo has no reduce-scatter: all-reduce, keep this rank's rows
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gathers (b, D) features from every rank into (W * b, D), rank order, keeping gradients.
+
+    Every rank must pass the same b.
+    """
+    if world()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
 
 
 def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:

@@ -32,11 +32,11 @@ class _SigLipBlock(torch.autograd.Function):
         needs = ctx.needs_input_grad[:4]
         rows = x.shape[0]
         step = rows if not chunk else chunk
-        total = x.new_zeros((), dtype=torch.float32)
+        total = x.new_zeros(())
         gx = torch.zeros_like(x) if needs[0] else None
         gy = torch.zeros_like(y) if needs[1] else None
-        g_scale = x.new_zeros((), dtype=torch.float32)
-        g_bias = x.new_zeros((), dtype=torch.float32)
+        g_scale = x.new_zeros(())
+        g_bias = x.new_zeros(())
         for start in range(0, rows, step):
             xs = x[start : start + step]  # (n, D)
             sim = xs @ y.T  # (n, c)
@@ -134,7 +134,7 @@ class SigLipLoss(ContrastiveLoss):
         if logit_bias is None:
             raise ValueError("SigLipLoss needs a logit_bias: build the model with init_logit_bias (e.g. -10)")
         x, y = self.validate(image_embeds, text_embeds, logit_scale, logit_bias)
-        scale, bias = logit_scale.float(), logit_bias.float()
+        scale, bias = logit_scale.to(x.dtype), logit_bias.to(x.dtype)
         b = x.shape[0]
         rank, size = world()
         if self.exchange == "gather" and size > 1:

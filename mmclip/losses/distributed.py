@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["EXCHANGES", "world", "gather_with_grad", "neighbour_exchange", "ring_shards"]
+__all__ = ["EXCHANGES", "world", "gather_with_grad", "neighbour_exchange", "ring_pass", "ring_shards"]
 
 EXCHANGES = ("gather", "ring", "bidir_ring", "local")
 
@@ -73,6 +73,15 @@ def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, 
     ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
+
+
+def ring_pass(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sends ``tensors`` to the right neighbour and returns the left neighbour's (no autograd)."""
+    rank, size = world()
+    left, right = (rank - 1) % size, (rank + 1) % size
+    received = [torch.empty_like(t) for t in tensors]
+    _p2p([(t.contiguous(), right) for t in tensors], [(r, left) for r in received])
+    return received
 
 
 class _NeighbourExchange(torch.autograd.Function):

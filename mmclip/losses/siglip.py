@@ -18,50 +18,45 @@ import torch
 import torch.nn.functional as F
 
 from mmclip.losses.base import ContrastiveLoss
-from mmclip.losses.distributed import gather_with_grad, ring_shards, world
+from mmclip.losses.distributed import gather_with_grad, ring_pass, ring_shards, world
 from mmclip.registry import LOSSES
 
 __all__ = ["SigLipLoss", "siglip_block"]
 
 
-class _SigLipBlock(torch.autograd.Function):
-    """sum over a block of softplus(-z * (scale * x @ y.T + bias)); gradients computed in forward."""
+def _block_terms(x, y, scale, bias, pos_offset: int | None, chunk: int | None, grads: bool):
+    """Summed loss of one block and, when ``grads``, its gradients for x, y, scale and bias."""
+    rows = x.shape[0]
+    step = rows if not chunk else chunk
+    acc = torch.float64  # scalar sums in fp64: the loss stays exact to ~1e-7 even over millions of pairs
+    total = x.new_zeros((), dtype=acc)
+    gx = torch.zeros_like(x) if grads else None
+    gy = torch.zeros_like(y) if grads else None
+    g_scale, g_bias = x.new_zeros((), dtype=acc), x.new_zeros((), dtype=acc)
+    for start in range(0, rows, step):
+        xs = x[start : start + step]  # (n, D)
+        sim = xs @ y.T  # (n, c)
+        logits = torch.addcmul(bias, sim, scale)  # (n, c)
+        total = total + F.softplus(logits).sum(
+            dtype=acc
+        )  # every pair as a negative: -log sigmoid(-l) = softplus(l)
+        if pos_offset is not None:  # positives: -log sigmoid(l) = softplus(l) - l
+            idx = torch.arange(xs.shape[0], device=x.device)
+            pos = (idx, pos_offset + start + idx)
+            total = total - logits[pos].sum(dtype=acc)
+        if grads:
+            coef = logits.sigmoid_()  # d loss / d logits: sigmoid(l), minus 1 on positives; in place
+            if pos_offset is not None:
+                coef[pos] -= 1.0
+            gx[start : start + step] = scale * (coef @ y)
+            gy += scale * (coef.T @ xs)
+            g_scale = g_scale + torch.dot(coef.flatten(), sim.flatten()).to(acc)
+            g_bias = g_bias + coef.sum(dtype=acc)
+    return total, gx, gy, g_scale, g_bias  # scalars in fp64; callers cast once at the end
 
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, pos_offset: int | None, chunk: int | None):  # type: ignore[override]
-        needs = ctx.needs_input_grad[:4]
-        rows = x.shape[0]
-        step = rows if not chunk else chunk
-        total = x.new_zeros(())
-        gx = torch.zeros_like(x) if needs[0] else None
-        gy = torch.zeros_like(y) if needs[1] else None
-        g_scale = x.new_zeros(())
-        g_bias = x.new_zeros(())
-        for start in range(0, rows, step):
-            xs = x[start : start + step]  # (n, D)
-            sim = xs @ y.T  # (n, c)
-            logits = scale * sim + bias
-            z = -torch.ones_like(logits)
-            if pos_offset is not None:  # positives on the diagonal shifted by pos_offset
-                idx = torch.arange(xs.shape[0], device=x.device)
-                z[idx, pos_offset + start + idx] = 1.0
-            zl = z * logits
-            total = total + F.softplus(-zl).sum()
-            if any(needs):
-                coef = -z * torch.sigmoid(-zl)  # d loss / d logits, (n, c)
-                if gx is not None:
-                    gx[start : start + step] = scale * (coef @ y)
-                if gy is not None:
-                    gy += scale * (coef.T @ xs)
-                g_scale = g_scale + (coef * sim).sum()
-                g_bias = g_bias + coef.sum()
-        ctx.save_for_backward(
-            gx if gx is not None else x.new_empty(0),
-            gy if gy is not None else y.new_empty(0),
-            g_scale,
-            g_bias,
-        )
-        return total
+
+class _EagerGrad(torch.autograd.Function):
+    """Base: forward computes the loss and its input gradients; backward only scales them."""
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -76,6 +71,56 @@ class _SigLipBlock(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _save(ctx, x, y, gx, gy, g_scale, g_bias) -> None:
+    ctx.save_for_backward(
+        gx if gx is not None else x.new_empty(0),
+        gy if gy is not None else y.new_empty(0),
+        g_scale.to(x.dtype),
+        g_bias.to(x.dtype),
+    )
+
+
+class _SigLipBlock(_EagerGrad):
+    """One block of pairs; nothing of size rows x columns is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, pos_offset: int | None, chunk: int | None):  # type: ignore[override]
+        grads = any(ctx.needs_input_grad[:4])
+        total, gx, gy, g_scale, g_bias = _block_terms(x, y, scale, bias, pos_offset, chunk, grads)
+        _save(ctx, x, y, gx, gy, g_scale, g_bias)
+        return total.to(x.dtype)
+
+
+class _SigLipRing(_EagerGrad):
+    """The local block plus every remote text shard, passed around a ring in W - 1 steps.
+
+    Each shard travels with an accumulator of the gradient the visited ranks' losses send to it; after the
+    last step one more hop hands every accumulator to the shard's owner. Nothing is kept per step, so a
+    rank's memory is its features, one shard with its accumulator, and one block (or chunk) of logits.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, chunk: int | None, _unused: None = None):  # type: ignore[override]
+        grads = any(ctx.needs_input_grad[:4])
+        total, gx, gy, g_scale, g_bias = _block_terms(x, y, scale, bias, 0, chunk, grads)
+        shard, acc = y, (torch.zeros_like(y) if grads else None)
+        for _ in range(world()[1] - 1):
+            if grads:
+                shard, acc = ring_pass([shard, acc])
+            else:
+                (shard,) = ring_pass([shard])
+            t, gx_s, gy_s, gs_s, gb_s = _block_terms(x, shard, scale, bias, None, chunk, grads)
+            total = total + t
+            if grads:
+                gx, acc = gx + gx_s, acc + gy_s
+                g_scale, g_bias = g_scale + gs_s, g_bias + gb_s
+        if grads:
+            (home,) = ring_pass([acc])  # the left neighbour holds the accumulator of this rank's shard
+            gy = gy + home
+        _save(ctx, x, y, gx, gy, g_scale, g_bias)
+        return total.to(x.dtype)
 
 
 def siglip_block(
@@ -102,6 +147,10 @@ def siglip_block(
 @LOSSES.register("siglip")
 class SigLipLoss(ContrastiveLoss):
     """Pairwise sigmoid loss (SigLIP).
+
+    Exchanges: "ring" passes text shards around in W - 1 steps with memory flat in W (no per-step state);
+    "bidir_ring" sends both ways in half the steps but keeps each received shard (b x D) for backward;
+    "gather" all-gathers the text features; "local" uses only this rank's batch.
 
     Args:
         exchange: "ring" (default), "bidir_ring", "gather" or "local".
@@ -141,10 +190,12 @@ class SigLipLoss(ContrastiveLoss):
             total = siglip_block(
                 x, gather_with_grad(y), scale, bias, pos_offset=rank * b, chunk_size=self.chunk_size
             )
+        elif self.exchange == "ring" and size > 1:
+            total = _SigLipRing.apply(x, y, scale, bias, self.chunk_size, None)
         else:
             total = siglip_block(x, y, scale, bias, pos_offset=0, chunk_size=self.chunk_size)
-            if self.exchange in ("ring", "bidir_ring"):
-                for shard in ring_shards(y, bidirectional=self.exchange == "bidir_ring"):
+            if self.exchange == "bidir_ring":
+                for shard in ring_shards(y, bidirectional=True):
                     total = total + siglip_block(
                         x, shard, scale, bias, pos_offset=None, chunk_size=self.chunk_size
                     )

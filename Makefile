@@ -25,6 +25,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_losses.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

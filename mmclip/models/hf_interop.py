@@ -95,6 +95,19 @@ _SIGLIP_KEYS = (
     ]
 )
 _LAYER = re.compile(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)")
+
+
+def _hf_layer(key: str) -> tuple[str, str, str] | None:
+    """'vision_model.encoder.layers.3.self_attn.q_proj.weight' -> ('image_tower...blocks.3.', 'self_attn.q_proj', 'weight')."""
+    m = _LAYER.fullmatch(key)
+    if m is None:
+        return None
+    tower = "image_tower" if m[1] == "vision" else "text_tower"
+    part, _, param = m[3].rpartition(".")
+    return f"{tower}.transformer.blocks.{m[2]}.", part, param
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _LAYER_PARTS = {
     "layer_norm1": "norm1",
     "layer_norm2": "norm2",
@@ -113,12 +126,10 @@ def _convert_hf_state(
     for key, value in state.items():
         if key.endswith("position_ids"):
             continue
-        m = _LAYER.fullmatch(key)
-        if m:
-            tower = "image_tower" if m[1] == "vision" else "text_tower"
-            prefix = f"{tower}.transformer.blocks.{m[2]}."
-            part, _, param = m[3].rpartition(".")
-            if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        layer = _hf_layer(key)
+        if layer:
+            prefix, part, param = layer
+            if part in _QKV:
                 qkv.setdefault((prefix, param, ""), {})[part[-6]] = value
             elif part in _LAYER_PARTS:
                 out[prefix + _LAYER_PARTS[part] + "." + param] = value
@@ -315,12 +326,10 @@ def to_hf_clip(model: DualEncoder) -> Any:
     ours = model.state_dict()
     state = {}
     for key in hf_keys:
-        m = _LAYER.fullmatch(key)
-        if m:
-            tower = "image_tower" if m[1] == "vision" else "text_tower"
-            prefix = f"{tower}.transformer.blocks.{m[2]}."
-            part, _, param = m[3].rpartition(".")
-            if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        layer = _hf_layer(key)
+        if layer:
+            prefix, part, param = layer
+            if part in _QKV:
                 i = "qkv".index(part[-6])
                 state[key] = ours[f"{prefix}attn.qkv.{param}"].chunk(3, dim=0)[i]
             else:

@@ -109,45 +109,30 @@ def test_modified_resnet_small() -> None:
     _compare(oc, mm)
 
 
-def test_timm_convnext_linear_head() -> None:
+@pytest.mark.parametrize(
+    "model_name,pool,proj",
+    [("test_convnext", "", "linear"), ("test_efficientnet", "avg", "mlp"), ("test_vit", "token", "none")],
+)
+def test_timm_tower(model_name: str, pool: str, proj: str) -> None:
+    """timm trunks with OpenCLIP's heads: network default pool + linear, avg pool + MLP, a ViT with no proj."""
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(
-        32,
-        {
-            "timm_model_name": "test_convnext",
-            "timm_model_pretrained": False,
-            "timm_pool": "",
-            "timm_proj": "linear",
-            "image_size": 64,
-        },
-        oc_text,
-    )
-    mm = mmclip.DualEncoder(
-        {"name": "timm", "model_name": "test_convnext", "image_size": 64}, mm_text, embed_dim=32
-    )
-    _compare(oc, mm)
+    embed = 32
+    if proj == "none":  # the trunk's features are the embedding
+        import timm
 
-
-def test_timm_efficientnet_mlp_head() -> None:
-    oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(
-        32,
-        {
-            "timm_model_name": "test_efficientnet",
-            "timm_model_pretrained": False,
-            "timm_pool": "avg",
-            "timm_proj": "mlp",
-            "image_size": 64,
-        },
-        oc_text,
-    )
-    mm = mmclip.DualEncoder(
-        {"name": "timm", "model_name": "test_efficientnet", "pool": "avg", "image_size": 64},
-        mm_text,
-        embed_dim=32,
-        image_proj="mlp",
-        image_proj_bias=False,
-    )
+        embed = timm.create_model(model_name).num_features
+    vision = {
+        "timm_model_name": model_name,
+        "timm_model_pretrained": False,
+        "timm_pool": pool,
+        "timm_proj": proj,
+        "image_size": 64 if model_name != "test_vit" else 160,
+    }
+    oc = open_clip.CLIP(embed, vision, oc_text)
+    tower = {"name": "timm", "model_name": model_name, "image_size": vision["image_size"]}
+    if pool:
+        tower["pool"] = pool
+    mm = mmclip.DualEncoder(tower, mm_text, embed_dim=embed, image_proj=proj)
     _compare(oc, mm)
 
 

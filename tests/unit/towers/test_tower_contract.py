@@ -130,15 +130,13 @@ def test_lock_freeze_norm_keeps_eval_outputs(kind: str, name: str) -> None:
     torch.testing.assert_close(tower.eval()(x).pooled, before, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["clip_resnet", "timm"])
-def test_grad_checkpointing_updates_batchnorm_once(name: str) -> None:
-    tower, x = _build("image", name)
+def test_grad_checkpointing_updates_batchnorm_once() -> None:
+    """The backward recompute of a checkpointed ResNet stage must not update BatchNorm statistics again."""
+    tower, x = _build("image", "clip_resnet")
     twin = copy.deepcopy(tower)
     twin.set_grad_checkpointing(True)
     for model in (tower, twin):
         model.train()(x).pooled.sum().backward()
-    if name == "timm":
-        pytest.skip("timm's own checkpointing recomputes BatchNorm in backward (a timm behaviour)")
     for (key, value), other in zip(tower.state_dict().items(), twin.state_dict().values(), strict=True):
         if "running" in key or "num_batches" in key:
             torch.testing.assert_close(other, value, msg=key)

@@ -156,6 +156,35 @@ def _timm_key(key: str) -> str | None:
     return None
 
 
+def _timm_vit_key(key: str) -> str | None:
+    """A timm ViT trunk (OpenCLIP's SigLIP towers) into mmclip's native ``clip_vit``."""
+    if not key.startswith("trunk."):
+        return None
+    key = key[len("trunk.") :]
+    simple = {
+        "patch_embed.proj.weight": "patch_embed.weight",
+        "patch_embed.proj.bias": "patch_embed.bias",
+        "pos_embed": "pos_embed",
+        "cls_token": "cls_token",
+        "attn_pool.latent": "pool.probe",
+    }
+    if key in simple:
+        return "image_tower." + simple[key]
+    m = re.match(r"(norm_pre|norm)\.(weight|bias)$", key)
+    if m:
+        return f"image_tower.{'norm_pre' if m[1] == 'norm_pre' else 'norm_post'}.{m[2]}"
+    if key.startswith("blocks."):
+        key = re.sub(r"ls([12])\.gamma$", r"gamma\1", key)
+        return "image_tower.transformer." + key
+    m = re.match(r"attn_pool\.(q|kv)\.(weight|bias)$", key)
+    if m:  # fused below into pool.qkv
+        return f"image_tower.pool.{m[1]}.{m[2]}"
+    m = re.match(r"attn_pool\.(proj|norm|mlp\.fc1|mlp\.fc2)\.(weight|bias)$", key)
+    if m:
+        return f"image_tower.pool.{m[1]}.{m[2]}"
+    return None
+
+
 def _text_key(key: str) -> str | None:
     simple = {"token_embedding.weight": "token_embed.weight", "positional_embedding": "pos_embed"}
     if key in simple:
@@ -172,19 +201,26 @@ def _text_key(key: str) -> str | None:
     return None
 
 
-def convert_openclip_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_openclip_state_dict(
+    state: Mapping[str, torch.Tensor], image_tower: str = "auto"
+) -> dict[str, torch.Tensor]:
     """Renames an OpenAI CLIP / OpenCLIP state dict into mmclip's layout.
 
     Handles ViT, modified-ResNet and timm image towers and the CLIP text transformer, in both
     OpenCLIP's ``CLIP`` (text keys at the top level) and ``CustomTextCLIP`` (``text.`` prefix) layouts.
     Projections stored as (in, out) matrices are transposed into ``nn.Linear`` weights.
 
+    Args:
+        state: the checkpoint's state dict.
+        image_tower: the mmclip image tower the weights go into: "auto" (the checkpoint's own kind),
+            or "clip_vit" to turn an OpenCLIP timm ViT trunk (its SigLIP models) into the native ViT.
+
     Raises:
         CheckpointError: keys that match no rule (listed).
     """
     visual_keys = [k for k in state if k.startswith("visual.")]
     if any(k.startswith("visual.trunk.") for k in visual_keys):
-        visual_rule = _timm_key
+        visual_rule = _timm_vit_key if image_tower == "clip_vit" else _timm_key
     elif any(k.startswith("visual.layer1.") for k in visual_keys):
         visual_rule = _resnet_key
     else:
@@ -206,9 +242,13 @@ def convert_openclip_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
             continue
         if key.endswith(("visual.proj", "text_projection")):  # (in, out) parameter -> Linear weight
             value = value.t()
-        if new == "image_tower.cls_token" and value.ndim == 3:
-            value = value.reshape(-1)
+        if new in ("image_tower.cls_token", "image_tower.pos_embed") and value.ndim == 3:
+            value = value.reshape(-1) if new.endswith("cls_token") else value[0]  # timm keeps a batch dim
         out[new] = value
+    for param in ("weight", "bias"):  # timm's latent attention pool: separate q and kv -> fused qkv
+        q, kv = out.pop(f"image_tower.pool.q.{param}", None), out.pop(f"image_tower.pool.kv.{param}", None)
+        if q is not None and kv is not None:
+            out[f"image_tower.pool.qkv.{param}"] = torch.cat([q, kv], dim=0)
     if unknown:
         raise CheckpointError(
             f"{len(unknown)} checkpoint keys match no OpenAI/OpenCLIP layout mmclip knows: "
@@ -277,7 +317,10 @@ def load_pretrained_into(model: DualEncoder, pretrained: str | Path) -> DualEnco
     if any(k.startswith(("image_tower.", "text_tower.")) for k in state):
         converted = state  # already mmclip's layout
     else:
-        converted = convert_openclip_state_dict(state)
+        from mmclip.towers.image.clip_vit import ClipVisionTransformer
+
+        target = "clip_vit" if isinstance(model.image_tower, ClipVisionTransformer) else "auto"
+        converted = convert_openclip_state_dict(state, image_tower=target)
         if "input_resolution" in state:
             acts = {type(m).__name__ for m in model.modules()}
             if "QuickGELU" not in acts:

@@ -162,3 +162,27 @@ def test_openai_quickgelu_named_matches_openclip_quickgelu_names() -> None:
         for variant in (name, name + "-quickgelu"):
             assert variant in mmclip.list_models()
             assert variant in oc_names
+
+
+@pytest.mark.slow
+def test_openclip_siglip_file_into_native_vit(tmp_path) -> None:
+    """OpenCLIP's ViT-B-16-SigLIP (timm trunk, exact GELU) loads into the named config through a file."""
+    oc = randomize_(open_clip.create_model("ViT-B-16-SigLIP", pretrained=None), seed=2).eval()
+    torch.save(oc.state_dict(), tmp_path / "siglip.pt")
+    # OpenCLIP runs this model with exact GELU; the named config follows big_vision / HF (tanh GELU).
+    mm = mmclip.create_model(
+        "ViT-B-16-SigLIP",
+        pretrained=tmp_path / "siglip.pt",
+        image_tower={"act": "gelu"},
+        text_tower={"act": "gelu"},
+    ).eval()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mm.encode_image(images, normalize=True), oc.encode_image(images, normalize=True), atol=TOL, rtol=0
+        )
+        torch.testing.assert_close(
+            mm.encode_text(ids, normalize=True), oc.encode_text(ids, normalize=True), atol=TOL, rtol=0
+        )
+        torch.testing.assert_close(mm.logit_bias, oc.logit_bias.reshape(()))

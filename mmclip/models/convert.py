@@ -246,9 +246,9 @@ def convert_openclip_state_dict(
             value = value.reshape(-1) if new.endswith("cls_token") else value[0]  # timm keeps a batch dim
         out[new] = value
     for param in ("weight", "bias"):  # timm's latent attention pool: separate q and kv -> fused qkv
-        q, kv = out.pop(f"image_tower.pool.q.{param}", None), out.pop(f"image_tower.pool.kv.{param}", None)
-        if q is not None and kv is not None:
-            out[f"image_tower.pool.qkv.{param}"] = torch.cat([q, kv], dim=0)
+        q_key, kv_key = f"image_tower.pool.q.{param}", f"image_tower.pool.kv.{param}"
+        if kv_key in out:  # (the modified ResNet's attention pool has q, k, v of its own: left alone)
+            out[f"image_tower.pool.qkv.{param}"] = torch.cat([out.pop(q_key), out.pop(kv_key)], dim=0)
     if unknown:
         raise CheckpointError(
             f"{len(unknown)} checkpoint keys match no OpenAI/OpenCLIP layout mmclip knows: "

@@ -10,9 +10,9 @@ equal those of one full-batch step; activation memory is that of one micro-batch
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.distributed as dist
 
 from mmclip.outputs import DualEncoderOutput
 
@@ -30,27 +30,56 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _batch_norm_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [
+        (buf, buf.clone())
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for buf in m.buffers()
+    ]
+
+
+def _average_gradients_over_processes(model: torch.nn.Module) -> None:
+    """What DDP's reducer would do: one all-reduce of every gradient, divided by the world size."""
+    size = dist.get_world_size()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def cached_feature_step(
     model: torch.nn.Module,
     loss_fn: Callable[[DualEncoderOutput], dict[str, torch.Tensor]],
     images: torch.Tensor,
     texts: torch.Tensor,
     micro_batch_size: int,
-    no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Back-propagates the full-batch contrastive loss through ``model`` one micro-batch at a time.
 
     Gradients are accumulated into the parameters' ``.grad`` (call ``optimizer.step()`` afterwards).
     Random state is replayed for each micro-batch so dropout and patch dropout see the same masks in
-    both passes. BatchNorm statistics are updated by both passes.
+    both passes; BatchNorm statistics are restored after the cached pass, so they move once per sample.
+    (BatchNorm in train mode normalises with per-micro-batch statistics, so for models with it the
+    gradient is that of the micro-batched forward, not of one full-batch forward.)
+
+    Under several processes pass the plain model or its DDP wrapper: the towers are run directly (the
+    wrapper's hooks would fire once per micro-batch), and at the end every gradient is averaged over the
+    processes, as DDP does; the loss exchanges features across processes as usual.
 
     Args:
-        model: a ``DualEncoder`` (``encode_image``, ``encode_text``, ``logit_scale``, ``logit_bias``).
+        model: a ``DualEncoder`` (``encode_image``, ``encode_text``, ``logit_scale``, ``logit_bias``),
+            possibly wrapped in DistributedDataParallel.
         loss_fn: a contrastive loss taking a ``DualEncoderOutput``.
-        images: (B, 3, H, W) the whole logical batch.
+        images: (B, 3, H, W) this process's share of the logical batch.
         texts: (B, L) token ids.
         micro_batch_size: samples per re-forward; need not divide B.
-        no_sync: under DDP, ``ddp_model.no_sync`` so only the last micro-batch all-reduces gradients.
 
     Returns:
         The loss dict, detached.
@@ -60,14 +89,17 @@ def cached_feature_step(
     if images.shape[0] != texts.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {texts.shape[0]} texts: pair them one to one")
     inner = getattr(model, "module", model)  # DDP-wrapped or plain
-    device = images.device
+    device = next(inner.parameters()).device  # the random state that matters is the model's device's
     starts = range(0, images.shape[0], micro_batch_size)
     states, image_cache, text_cache = [], [], []
+    batch_norm = _batch_norm_buffers(inner)
     with torch.no_grad():
         for s in starts:
             states.append(_rng_state(device))
             image_cache.append(inner.encode_image(images[s : s + micro_batch_size], normalize=True))
             text_cache.append(inner.encode_text(texts[s : s + micro_batch_size], normalize=True))
+        for buf, saved in batch_norm:
+            buf.copy_(saved)
     image_embeds = torch.cat(image_cache).requires_grad_(True)  # (B, E)
     text_embeds = torch.cat(text_cache).requires_grad_(True)  # (B, E)
     out = DualEncoderOutput(image_embeds, text_embeds, inner.logit_scale.exp(), inner.logit_bias)
@@ -76,14 +108,13 @@ def cached_feature_step(
     after = _rng_state(device)
     for i, s in enumerate(starts):
         _set_rng_state(states[i], device)
-        last = i == len(starts) - 1
-        ctx = no_sync() if (no_sync is not None and not last) else nullcontext()
-        with ctx:
-            e_i = inner.encode_image(images[s : s + micro_batch_size], normalize=True)
-            e_t = inner.encode_text(texts[s : s + micro_batch_size], normalize=True)
-            torch.autograd.backward(
-                [e_i, e_t],
-                [image_embeds.grad[s : s + micro_batch_size], text_embeds.grad[s : s + micro_batch_size]],
-            )
+        e_i = inner.encode_image(images[s : s + micro_batch_size], normalize=True)
+        e_t = inner.encode_text(texts[s : s + micro_batch_size], normalize=True)
+        torch.autograd.backward(
+            [e_i, e_t],
+            [image_embeds.grad[s : s + micro_batch_size], text_embeds.grad[s : s + micro_batch_size]],
+        )
     _set_rng_state(after, device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _average_gradients_over_processes(inner)
     return {k: v.detach() for k, v in losses.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mmclip.losses.distributed import EXCHANGES
@@ -32,7 +33,8 @@ class ContrastiveLoss(nn.Module):
     Args:
         exchange: how negatives are shared across processes (see ``mmclip.losses.distributed``).
         max_logit_scale: temperature policy: the largest ``exp(logit_scale)`` allowed, or None.
-        check_inputs: also check that features and scales are finite (a host-device sync: debugging only).
+        check_inputs: also check that features and scales are finite and that every process brings the same
+            batch size (host-device syncs and a collective: debugging only).
     """
 
     supported_exchanges: tuple[str, ...] = ()
@@ -57,6 +59,16 @@ class ContrastiveLoss(nn.Module):
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The loss terms from raw tensors: (B, E) normalised features, scalar scale (and bias)."""
+        x, y = self.validate(image_embeds, text_embeds, logit_scale, logit_bias)
+        bias = None if logit_bias is None else logit_bias.to(x.dtype)
+        # the loss runs in fp32 (or wider) even inside an autocast region of the training step
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._compute(x, y, logit_scale.to(x.dtype), bias)
+
+    def _compute(
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -97,5 +109,16 @@ class ContrastiveLoss(nn.Module):
                         f"{name} has non-finite values (NaN or inf): check the learning rate, "
                         "mixed precision and the inputs of this step"
                     )
+        if self.check_inputs and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sizes = [
+                torch.zeros(1, dtype=torch.long, device=image_embeds.device)
+                for _ in range(dist.get_world_size())
+            ]
+            dist.all_gather(sizes, torch.tensor([image_embeds.shape[0]], device=image_embeds.device))
+            if len({int(t) for t in sizes}) > 1:
+                raise ValueError(
+                    f"every process must bring the same batch size, got {[int(t) for t in sizes]}: "
+                    "use drop_last=True (or equal shards) in the data loader"
+                )
         # the loss is computed in fp32 (or wider) whatever the towers ran in
         return _at_least_fp32(image_embeds), _at_least_fp32(text_embeds)

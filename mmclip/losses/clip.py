@@ -41,15 +41,9 @@ class ClipLoss(ContrastiveLoss):
         self.local_loss = local_loss
         self.label_smoothing = label_smoothing
 
-    def compute(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
+    def _compute(
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, logit_bias: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        x, y = self.validate(image_embeds, text_embeds, logit_scale, logit_bias)
-        scale = logit_scale.to(x.dtype)
         b = x.shape[0]
         rank, size = world()
         if self.exchange == "gather" and size > 1:

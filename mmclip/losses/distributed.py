@@ -61,11 +61,16 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gathers (b, D) features from every rank into (W * b, D), rank order, keeping gradients.
 
-    Every rank must pass the same b.
+    Every rank must pass the same b (a loss with ``check_inputs=True`` verifies it).
     """
     if world()[1] == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def _buffer(like: torch.Tensor) -> torch.Tensor:
+    """A contiguous receive buffer (``empty_like`` would copy a view's strides)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 
 def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
@@ -79,7 +84,7 @@ def ring_pass(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sends ``tensors`` to the right neighbour and returns the left neighbour's (no autograd)."""
     rank, size = world()
     left, right = (rank - 1) % size, (rank + 1) % size
-    received = [torch.empty_like(t) for t in tensors]
+    received = [_buffer(t) for t in tensors]
     _p2p([(t.contiguous(), right) for t in tensors], [(r, left) for r in received])
     return received
 
@@ -90,13 +95,13 @@ class _NeighbourExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, to: int, frm: int) -> torch.Tensor:  # type: ignore[override]
         ctx.to, ctx.frm = to, frm
-        out = torch.empty_like(x)
+        out = _buffer(x)
         _p2p([(x.contiguous(), to)], [(out, frm)])
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        out = torch.empty_like(grad)
+        out = _buffer(grad)
         _p2p([(grad.contiguous(), ctx.frm)], [(out, ctx.to)])
         return out, None, None
 
@@ -107,7 +112,7 @@ class _BidirExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, to_left: torch.Tensor, to_right: torch.Tensor, left: int, right: int):  # type: ignore[override]
         ctx.left, ctx.right = left, right
-        from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
+        from_left, from_right = _buffer(to_right), _buffer(to_left)
         _p2p(
             [(to_left.contiguous(), left), (to_right.contiguous(), right)],
             [(from_left, left), (from_right, right)],
@@ -116,7 +121,7 @@ class _BidirExchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_from_left: torch.Tensor, g_from_right: torch.Tensor):  # type: ignore[override]
-        g_to_left, g_to_right = torch.empty_like(g_from_right), torch.empty_like(g_from_left)
+        g_to_left, g_to_right = _buffer(g_from_right), _buffer(g_from_left)
         _p2p(
             [(g_from_left.contiguous(), ctx.left), (g_from_right.contiguous(), ctx.right)],
             [(g_to_left, ctx.left), (g_to_right, ctx.right)],

@@ -55,6 +55,11 @@ def _block_terms(x, y, scale, bias, pos_offset: int | None, chunk: int | None, g
     return total, gx, gy, g_scale, g_bias  # scalars in fp64; callers cast once at the end
 
 
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether the caller will back-propagate (decided outside Function.forward, where grad mode is off)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _EagerGrad(torch.autograd.Function):
     """Base: forward computes the loss and its input gradients; backward only scales them."""
 
@@ -68,6 +73,7 @@ class _EagerGrad(torch.autograd.Function):
             grad * gy if needs[1] else None,
             grad * g_scale if needs[2] else None,
             grad * g_bias if needs[3] else None,
+            None,
             None,
             None,
         )
@@ -86,8 +92,7 @@ class _SigLipBlock(_EagerGrad):
     """One block of pairs; nothing of size rows x columns is kept for backward."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, pos_offset: int | None, chunk: int | None):  # type: ignore[override]
-        grads = any(ctx.needs_input_grad[:4])
+    def forward(ctx, x, y, scale, bias, pos_offset: int | None, chunk: int | None, grads: bool):  # type: ignore[override]
         total, gx, gy, g_scale, g_bias = _block_terms(x, y, scale, bias, pos_offset, chunk, grads)
         _save(ctx, x, y, gx, gy, g_scale, g_bias)
         return total.to(x.dtype)
@@ -102,8 +107,7 @@ class _SigLipRing(_EagerGrad):
     """
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, chunk: int | None, _unused: None = None):  # type: ignore[override]
-        grads = any(ctx.needs_input_grad[:4])
+    def forward(ctx, x, y, scale, bias, chunk: int | None, grads: bool, _unused: None = None):  # type: ignore[override]
         total, gx, gy, g_scale, g_bias = _block_terms(x, y, scale, bias, 0, chunk, grads)
         shard, acc = y, (torch.zeros_like(y) if grads else None)
         for _ in range(world()[1] - 1):
@@ -141,7 +145,7 @@ def siglip_block(
         pos_offset: column of row 0's positive, or None when the block holds negatives only.
         chunk_size: rows per chunk; None computes the block in one piece.
     """
-    return _SigLipBlock.apply(x, y, scale, bias, pos_offset, chunk_size)
+    return _SigLipBlock.apply(x, y, scale, bias, pos_offset, chunk_size, _wants_grad(x, y, scale, bias))
 
 
 @LOSSES.register("siglip")
@@ -173,17 +177,11 @@ class SigLipLoss(ContrastiveLoss):
             raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
         self.chunk_size = chunk_size
 
-    def compute(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
+    def _compute(
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        if logit_bias is None:
+        if bias is None:
             raise ValueError("SigLipLoss needs a logit_bias: build the model with init_logit_bias (e.g. -10)")
-        x, y = self.validate(image_embeds, text_embeds, logit_scale, logit_bias)
-        scale, bias = logit_scale.to(x.dtype), logit_bias.to(x.dtype)
         b = x.shape[0]
         rank, size = world()
         if self.exchange == "gather" and size > 1:
@@ -191,7 +189,9 @@ class SigLipLoss(ContrastiveLoss):
                 x, gather_with_grad(y), scale, bias, pos_offset=rank * b, chunk_size=self.chunk_size
             )
         elif self.exchange == "ring" and size > 1:
-            total = _SigLipRing.apply(x, y, scale, bias, self.chunk_size, None)
+            total = _SigLipRing.apply(
+                x, y, scale, bias, self.chunk_size, _wants_grad(x, y, scale, bias), None
+            )
         else:
             total = siglip_block(x, y, scale, bias, pos_offset=0, chunk_size=self.chunk_size)
             if self.exchange == "bidir_ring":

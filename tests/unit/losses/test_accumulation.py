@@ -69,3 +69,40 @@ def test_rejects_bad_arguments() -> None:
         cached_feature_step(
             model, ClipLoss(), torch.randn(2, 3, 32, 32), torch.zeros(3, 5, dtype=torch.long), 1
         )
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, wrap: bool) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same weights and the same full batch on every rank
+        model = mmclip.create_model("tiny-vit").double().train()
+        images = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+        texts = torch.randint(1, 49406, (8, 10))
+        # single-process reference: the whole batch, one step, no exchange
+        ref = _full_batch_grads(model, ClipLoss(), images, texts)
+        model.zero_grad()
+        rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        target = DistributedDataParallel(model) if wrap else model
+        cached_feature_step(
+            target, ClipLoss(exchange="gather"), images[rows], texts[rows], micro_batch_size=3
+        )
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref[name], atol=1e-10, rtol=1e-8, msg=f"{name} rank {rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_across_processes_equals_full_batch(tmp_path, wrap: bool) -> None:
+    """2 processes x 4 samples, micro-batches of 3, gathered negatives == one 8-sample step in one process."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rdzv"), wrap), nprocs=2, join=True)

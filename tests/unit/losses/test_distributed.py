@@ -1,4 +1,4 @@
-"""Distributed exactness on CPU (gloo, 2, 3 and 4 processes) for every loss x exchange combination.
+"""Distributed exactness on CPU (gloo, 2 to 5 processes) for every loss x exchange combination.
 
 Convention (what DDP does): each rank back-propagates its own loss; DDP then averages parameter
 gradients over the W ranks. So the test compares, against the single-process float64 reference on the
@@ -99,7 +99,23 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
 def test_losses_exact_across_processes(world: int, tmp_path: Path) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+
+
+def _unequal_worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x = F.normalize(torch.randn(3 + rank, DIM), dim=-1)
+        with pytest.raises(ValueError, match=r"same batch size, got \[3, 4\].*drop_last"):
+            ClipLoss(check_inputs=True).compute(x, x, torch.tensor(1.0))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batch_sizes_across_processes_are_reported(tmp_path: Path) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_unequal_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)

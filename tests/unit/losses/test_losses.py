@@ -134,3 +134,28 @@ def test_errors() -> None:
         ClipLoss(check_inputs=True).compute(bad, y, torch.tensor(1.0))
     with pytest.raises(FloatingPointError, match="logit_scale has non-finite"):
         SigLipLoss(check_inputs=True).compute(x, y, torch.tensor(float("inf")), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("loss_fn", [ClipLoss(), SigLipLoss(), SigLipLoss(chunk_size=4)])
+def test_fp32_inside_autocast(loss_fn) -> None:
+    """Under bf16 autocast the loss still runs in fp32 (same value and gradients as outside it)."""
+    x, y = _features(12, seed=4)
+    scale, bias = torch.tensor(60.0), torch.tensor(-5.0)
+
+    def run(autocast: bool) -> tuple[torch.Tensor, ...]:
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # forward only, as in training
+            loss = loss_fn.compute(xs, ys, scale, bias if isinstance(loss_fn, SigLipLoss) else None)["loss"]
+        loss.backward()
+        return loss.detach(), xs.grad, ys.grad
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_no_gradient_work_without_grad_mode() -> None:
+    x, y = _features(6, seed=5)
+    x.requires_grad_()
+    with torch.no_grad():
+        out = SigLipLoss().compute(x, y, torch.tensor(3.0), torch.tensor(-1.0))
+    assert out["loss"].grad_fn is None

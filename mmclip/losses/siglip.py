@@ -68,15 +68,8 @@ class _EagerGrad(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         gx, gy, g_scale, g_bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        return (
-            grad * gx if needs[0] else None,
-            grad * gy if needs[1] else None,
-            grad * g_scale if needs[2] else None,
-            grad * g_bias if needs[3] else None,
-            None,
-            None,
-            None,
-        )
+        grads = [g if need else None for g, need in zip((gx, gy, g_scale, g_bias), needs[:4], strict=True)]
+        return (*[None if g is None else grad * g for g in grads], *([None] * (len(needs) - 4)))
 
 
 def _save(ctx, x, y, gx, gy, g_scale, g_bias) -> None:
@@ -107,7 +100,7 @@ class _SigLipRing(_EagerGrad):
     """
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, chunk: int | None, grads: bool, _unused: None = None):  # type: ignore[override]
+    def forward(ctx, x, y, scale, bias, chunk: int | None, grads: bool):  # type: ignore[override]
         total, gx, gy, g_scale, g_bias = _block_terms(x, y, scale, bias, 0, chunk, grads)
         shard, acc = y, (torch.zeros_like(y) if grads else None)
         for _ in range(world()[1] - 1):
@@ -189,9 +182,7 @@ class SigLipLoss(ContrastiveLoss):
                 x, gather_with_grad(y), scale, bias, pos_offset=rank * b, chunk_size=self.chunk_size
             )
         elif self.exchange == "ring" and size > 1:
-            total = _SigLipRing.apply(
-                x, y, scale, bias, self.chunk_size, _wants_grad(x, y, scale, bias), None
-            )
+            total = _SigLipRing.apply(x, y, scale, bias, self.chunk_size, _wants_grad(x, y, scale, bias))
         else:
             total = siglip_block(x, y, scale, bias, pos_offset=0, chunk_size=self.chunk_size)
             if self.exchange == "bidir_ring":

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
+from mmclip.losses.distributed import average_over_processes
 from mmclip.outputs import DualEncoderOutput
 
 __all__ = ["cached_feature_step"]
@@ -37,21 +37,6 @@ def _batch_norm_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torc
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         for buf in m.buffers()
     ]
-
-
-def _average_gradients_over_processes(model: torch.nn.Module) -> None:
-    """What DDP's reducer would do: one all-reduce of every gradient, divided by the world size."""
-    size = dist.get_world_size()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def cached_feature_step(
@@ -115,6 +100,5 @@ def cached_feature_step(
             [image_embeds.grad[s : s + micro_batch_size], text_embeds.grad[s : s + micro_batch_size]],
         )
     _set_rng_state(after, device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        _average_gradients_over_processes(inner)
+    average_over_processes([p.grad for p in inner.parameters() if p.grad is not None])
     return {k: v.detach() for k, v in losses.items()}

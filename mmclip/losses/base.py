@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from mmclip.losses.distributed import EXCHANGES
+from mmclip.losses.distributed import EXCHANGES, batch_sizes
 from mmclip.outputs import DualEncoderOutput
 
 __all__ = ["ContrastiveLoss", "clamp_logit_scale_"]
@@ -109,15 +108,11 @@ class ContrastiveLoss(nn.Module):
                         f"{name} has non-finite values (NaN or inf): check the learning rate, "
                         "mixed precision and the inputs of this step"
                     )
-        if self.check_inputs and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            sizes = [
-                torch.zeros(1, dtype=torch.long, device=image_embeds.device)
-                for _ in range(dist.get_world_size())
-            ]
-            dist.all_gather(sizes, torch.tensor([image_embeds.shape[0]], device=image_embeds.device))
-            if len({int(t) for t in sizes}) > 1:
+        if self.check_inputs:
+            sizes = batch_sizes(image_embeds.shape[0], image_embeds.device)
+            if len(set(sizes)) > 1:
                 raise ValueError(
-                    f"every process must bring the same batch size, got {[int(t) for t in sizes]}: "
+                    f"every process must bring the same batch size, got {sizes}: "
                     "use drop_last=True (or equal shards) in the data loader"
                 )
         # the loss is computed in fp32 (or wider) whatever the towers ran in

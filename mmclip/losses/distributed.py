@@ -23,7 +23,16 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["EXCHANGES", "world", "gather_with_grad", "neighbour_exchange", "ring_pass", "ring_shards"]
+__all__ = [
+    "EXCHANGES",
+    "average_over_processes",
+    "batch_sizes",
+    "gather_with_grad",
+    "neighbour_exchange",
+    "ring_pass",
+    "ring_shards",
+    "world",
+]
 
 EXCHANGES = ("gather", "ring", "bidir_ring", "local")
 
@@ -33,6 +42,30 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def batch_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's batch size, in rank order (one small all-gather)."""
+    size = world()[1]
+    if size == 1:
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(t) for t in sizes]
+
+
+def average_over_processes(tensors: list[torch.Tensor]) -> None:
+    """Replaces each tensor in place by its mean over ranks (one flattened all-reduce), as DDP does."""
+    size = world()[1]
+    if size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -120,14 +120,16 @@ class DualEncoder(nn.Module):
         """Embeds both modalities; either may be None (its embeddings are then empty (0, E))."""
         image_out: TowerOutput | None = None
         text_out: TowerOutput | None = None
-        empty = self.logit_scale.new_zeros(0, self.embed_dim)
-        image_embeds = text_embeds = empty
         if images is not None:
             image_out = self.image_tower(images)
             image_embeds = F.normalize(self.image_proj(image_out.pooled), dim=-1)  # (B, E)
+        else:
+            image_embeds = self.logit_scale.new_zeros(0, self.embed_dim)
         if text is not None:
             text_out = self.text_tower(text)
             text_embeds = F.normalize(self.text_proj(text_out.pooled), dim=-1)  # (B, E)
+        else:
+            text_embeds = self.logit_scale.new_zeros(0, self.embed_dim)
         return DualEncoderOutput(
             image_embeds=image_embeds,
             text_embeds=text_embeds,

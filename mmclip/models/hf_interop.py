@@ -121,7 +121,7 @@ def _convert_hf_state(
     state: dict[str, torch.Tensor], table: list[tuple[str, str]]
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state.items():
         if key.endswith("position_ids"):
@@ -130,7 +130,7 @@ def _convert_hf_state(
         if layer:
             prefix, part, param = layer
             if part in _QKV:
-                qkv.setdefault((prefix, param, ""), {})[part[-6]] = value
+                qkv.setdefault((prefix, param), {})[part[-6]] = value
             elif part in _LAYER_PARTS:
                 out[prefix + _LAYER_PARTS[part] + "." + param] = value
             else:
@@ -147,7 +147,7 @@ def _convert_hf_state(
                 break
         else:
             unknown.append(key)
-    for (prefix, param, _), parts in qkv.items():
+    for (prefix, param), parts in qkv.items():
         out[f"{prefix}attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     if unknown:
         raise CheckpointError(f"{len(unknown)} Hugging Face keys have no mmclip counterpart: {unknown[:12]}")

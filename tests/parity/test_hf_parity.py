@@ -20,30 +20,38 @@ def _features(out: object) -> torch.Tensor:
     return out.pooler_output if hasattr(out, "pooler_output") else out  # type: ignore[union-attr]
 
 
+def _small_configs(vocab: int, positions: int, hidden: int, **text_extra: object) -> tuple[dict, dict]:
+    """(text_config, vision_config) of a 2-layer, 64-wide, 2-head model on 32 px images."""
+    common = {
+        "hidden_size": 64,
+        "intermediate_size": hidden,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+    }
+    text = {**common, "vocab_size": vocab, "max_position_embeddings": positions, **text_extra}
+    vision = {**common, "image_size": 32, "patch_size": 8}
+    if "hidden_act" in text_extra:
+        vision["hidden_act"] = text_extra["hidden_act"]
+    return text, vision
+
+
 def _small_clip(eos_token_id: int = 49407, act: str = "quick_gelu") -> object:
-    cfg = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "max_position_embeddings": 77,
-            "eos_token_id": eos_token_id,
-            "hidden_act": act,
-        },
-        vision_config={
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_act": act,
-        },
-        projection_dim=32,
-    )
+    text, vision = _small_configs(49408, 77, 256, eos_token_id=eos_token_id, hidden_act=act)
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     return randomize_(transformers.CLIPModel(cfg), seed=3).eval()
+
+
+def _assert_same_features(
+    mm: mmclip.DualEncoder, hf: object, images: torch.Tensor, ids: torch.Tensor
+) -> None:
+    """mmclip's normalised embeddings and logit scale equal transformers' (get_*_features)."""
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        ref_img = normalize(_features(hf.get_image_features(pixel_values=images)), dim=-1)
+        ref_txt = normalize(_features(hf.get_text_features(input_ids=ids)), dim=-1)
+        torch.testing.assert_close(mm.encode_image(images, normalize=True), ref_img, atol=TOL, rtol=0)
+        torch.testing.assert_close(mm.encode_text(ids, normalize=True), ref_txt, atol=TOL, rtol=0)
+        torch.testing.assert_close(mm.logit_scale, hf.logit_scale.reshape(()))
 
 
 def _ids(n: int = 4, length: int = 20, eot: int = 49407, vocab: int = 49406) -> torch.Tensor:
@@ -62,46 +70,19 @@ def test_hf_clip_from_pretrained(tmp_path: Path, eos_token_id: int, act: str) ->
     hf.save_pretrained(tmp_path)
     mm = mmclip.from_pretrained(tmp_path).eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    ids = _ids()
-    with torch.no_grad():
-        ref_img = torch.nn.functional.normalize(_features(hf.get_image_features(pixel_values=images)), dim=-1)
-        ref_txt = torch.nn.functional.normalize(_features(hf.get_text_features(input_ids=ids)), dim=-1)
-        torch.testing.assert_close(mm.encode_image(images, normalize=True), ref_img, atol=TOL, rtol=0)
-        torch.testing.assert_close(mm.encode_text(ids, normalize=True), ref_txt, atol=TOL, rtol=0)
-        torch.testing.assert_close(mm.logit_scale, hf.logit_scale.reshape(()))
+    _assert_same_features(mm, hf, images, _ids())
 
 
 def test_hf_siglip_from_pretrained(tmp_path: Path) -> None:
-    cfg = transformers.SiglipConfig(
-        text_config={
-            "vocab_size": 1000,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "max_position_embeddings": 64,
-        },
-        vision_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-    )
+    text, vision = _small_configs(1000, 64, 128)
+    cfg = transformers.SiglipConfig(text_config=text, vision_config=vision)
     hf = randomize_(transformers.SiglipModel(cfg), seed=5).eval()
     hf.save_pretrained(tmp_path)
     mm = mmclip.from_pretrained(tmp_path).eval()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 1000, (3, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref_img = torch.nn.functional.normalize(_features(hf.get_image_features(pixel_values=images)), dim=-1)
-        ref_txt = torch.nn.functional.normalize(_features(hf.get_text_features(input_ids=ids)), dim=-1)
-        torch.testing.assert_close(mm.encode_image(images, normalize=True), ref_img, atol=TOL, rtol=0)
-        torch.testing.assert_close(mm.encode_text(ids, normalize=True), ref_txt, atol=TOL, rtol=0)
-        torch.testing.assert_close(mm.logit_scale, hf.logit_scale.reshape(()))
-        torch.testing.assert_close(mm.logit_bias, hf.logit_bias.reshape(()))
+    _assert_same_features(mm, hf, images, ids)
+    torch.testing.assert_close(mm.logit_bias, hf.logit_bias.reshape(()))
     assert mm.data_config.mean == (0.5, 0.5, 0.5) and mm.data_config.resize_mode == "squash"
 
 

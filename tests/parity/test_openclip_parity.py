@@ -39,61 +39,36 @@ def _small_text() -> tuple[dict, dict]:
     return oc, mm
 
 
+def _small_vit(oc_extra: dict | None = None, **mm_extra: object) -> tuple[dict, dict]:
+    """The same small ViT as an OpenCLIP vision_cfg and an mmclip tower spec."""
+    oc = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, **(oc_extra or {})}
+    mm = {
+        "name": "clip_vit",
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 64,
+        "layers": 2,
+        "heads": 2,
+        **mm_extra,
+    }
+    return oc, mm
+
+
 @pytest.mark.parametrize("quick_gelu", [False, True])
 def test_vit_small(quick_gelu: bool) -> None:
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(
-        32,
-        {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-        oc_text,
-        quick_gelu=quick_gelu,
-    )
     act = "quick_gelu" if quick_gelu else "gelu"
-    mm = mmclip.DualEncoder(
-        {
-            "name": "clip_vit",
-            "image_size": 32,
-            "patch_size": 8,
-            "width": 64,
-            "layers": 2,
-            "heads": 2,
-            "act": act,
-        },
-        dict(mm_text, act=act),
-        embed_dim=32,
-    )
+    oc_vit, mm_vit = _small_vit(act=act)
+    oc = open_clip.CLIP(32, oc_vit, oc_text, quick_gelu=quick_gelu)
+    mm = mmclip.DualEncoder(mm_vit, dict(mm_text, act=act), embed_dim=32)
     _compare(oc, mm)
 
 
 def test_vit_mean_pool_and_layer_scale() -> None:
     oc_text, mm_text = _small_text()
-    oc = open_clip.CLIP(
-        32,
-        {
-            "image_size": 32,
-            "patch_size": 8,
-            "width": 64,
-            "layers": 2,
-            "head_width": 32,
-            "pool_type": "avg",
-            "ls_init_value": 0.1,
-        },
-        oc_text,
-    )
-    mm = mmclip.DualEncoder(
-        {
-            "name": "clip_vit",
-            "image_size": 32,
-            "patch_size": 8,
-            "width": 64,
-            "layers": 2,
-            "heads": 2,
-            "pool": "mean",
-            "layer_scale_init": 0.1,
-        },
-        mm_text,
-        embed_dim=32,
-    )
+    oc_vit, mm_vit = _small_vit({"pool_type": "avg", "ls_init_value": 0.1}, pool="mean", layer_scale_init=0.1)
+    oc = open_clip.CLIP(32, oc_vit, oc_text)
+    mm = mmclip.DualEncoder(mm_vit, mm_text, embed_dim=32)
     _compare(oc, mm)
 
 

@@ -166,5 +166,5 @@ class ClipVisionTransformer(BaseTower):
         x = self.transformer(x)
         x = self.norm_post(x)  # (B, P + N, D)
         tokens = x[:, self.num_prefix :]  # (B, N, D)
-        pooled = x[:, 0] if self.pool_type == "cls" else self.pool(tokens)  # (B, D)
+        pooled = self.pool(x if self.pool_type == "cls" else tokens)  # (B, D); cls reads the prefix token
         return TowerOutput(pooled=pooled, tokens=tokens)

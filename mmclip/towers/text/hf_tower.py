@@ -99,7 +99,7 @@ class HFTextTower(BaseTower):
     def forward(self, ids: torch.Tensor) -> TowerOutput:
         mask = ids != self.pad_token_id  # (B, L)
         x = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
-        pooled = self.pool(x, mask=mask) if self.pool_type != "cls" else x[:, 0]  # (B, D)
+        pooled = self.pool(x, mask=mask)  # (B, D)
         return TowerOutput(pooled=pooled, tokens=x, mask=mask)
 
 

@@ -8,29 +8,29 @@ import pytest
 import torch
 
 import mmclip
+from mmclip.models.factory import get_model_config
 from mmclip.registry import IMAGE_TOWERS, TEXT_TOWERS
 from mmclip.towers.base import DataConfig
 from tests.conftest import randomize_
 
+
+def _tower_spec(model: str, tower: str, **overrides: object) -> dict:
+    """A tower spec taken from a named tiny model config."""
+    return {**get_model_config(model)[tower], **overrides}
+
+
+# one tiny spec per registered tower, from the named tiny configs
 TINY_IMAGE = {
-    "clip_vit": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
-    "clip_resnet": {"layers": [1, 1, 1, 1], "width": 8, "output_dim": 32, "image_size": 64},
-    "timm": {"model_name": "test_efficientnet", "image_size": 64},
+    spec["name"]: spec
+    for spec in (_tower_spec(m, "image_tower") for m in ("tiny-vit", "tiny-resnet", "tiny-efficientnet"))
 }
+_bert = _tower_spec("tiny-bert", "text_tower")
 TINY_TEXT = {
-    "clip_text": {"width": 64, "layers": 2, "heads": 2, "vocab_size": 1000},
-    "hf": {
-        "config": {
-            "model_type": "bert",
-            "vocab_size": 1000,
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 128,
-            "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0,
-        }
-    },
+    "clip_text": _tower_spec("tiny-vit", "text_tower", vocab_size=1000),
+    # no dropout, so gradients with and without checkpointing can be compared in train mode
+    "hf": dict(
+        _bert, config={**_bert["config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    ),
 }
 B = 3
 
@@ -52,9 +52,9 @@ def _text_input() -> torch.Tensor:
 
 def _build(kind: str, name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     if kind == "image":
-        tower = randomize_(IMAGE_TOWERS.build({"name": name, **TINY_IMAGE[name]}), seed=1)
+        tower = randomize_(IMAGE_TOWERS.build(TINY_IMAGE[name]), seed=1)
         return tower, _image_input(tower)
-    return randomize_(TEXT_TOWERS.build({"name": name, **TINY_TEXT[name]}), seed=1), _text_input()
+    return randomize_(TEXT_TOWERS.build(TINY_TEXT[name]), seed=1), _text_input()
 
 
 TOWERS = [("image", n) for n in IMAGE_TOWERS.names()] + [("text", n) for n in TEXT_TOWERS.names()]
@@ -160,7 +160,7 @@ def test_lock_freeze_norm_keeps_batchnorm_statistics(name: str) -> None:
 
 
 def test_text_trim_gives_identical_outputs() -> None:
-    trimmed = randomize_(TEXT_TOWERS.build({"name": "clip_text", **TINY_TEXT["clip_text"]}), seed=2).eval()
+    trimmed = randomize_(TEXT_TOWERS.build(TINY_TEXT["clip_text"]), seed=2).eval()
     full = copy.deepcopy(trimmed)
     full.trim = False
     ids = torch.zeros(B, 77, dtype=torch.long)
@@ -173,7 +173,7 @@ def test_text_trim_gives_identical_outputs() -> None:
 
 def test_eot_pooling_uses_first_end_of_text() -> None:
     tower = randomize_(
-        TEXT_TOWERS.build({"name": "clip_text", **TINY_TEXT["clip_text"], "pool": "eot", "eot_token_id": 7}),
+        TEXT_TOWERS.build({**TINY_TEXT["clip_text"], "pool": "eot", "eot_token_id": 7}),
         seed=2,
     ).eval()
     ids = torch.tensor([[1, 5, 7, 7, 7, 7], [1, 5, 9, 9, 7, 7]])
@@ -183,7 +183,7 @@ def test_eot_pooling_uses_first_end_of_text() -> None:
 
 
 def test_patch_dropout_keeps_class_token_and_fraction() -> None:
-    tower = IMAGE_TOWERS.build({"name": "clip_vit", **TINY_IMAGE["clip_vit"], "patch_dropout": 0.5})
+    tower = IMAGE_TOWERS.build({**TINY_IMAGE["clip_vit"], "patch_dropout": 0.5})
     x = _image_input(tower)
     assert tower.train()(x).tokens.shape[1] == 8  # 16 patches -> max(1, int(16 * 0.5))
     assert tower.eval()(x).tokens.shape[1] == 16

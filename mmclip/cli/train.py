@@ -1,0 +1,150 @@
+"""``mmclip train``: a thin hydra wrapper around the plain :func:`train` function.
+
+``train(cfg)`` takes a composed config (``recipes/train.yaml`` and its groups), builds the
+:class:`~mmclip.tasks.ContrastiveTask`, the data module, callbacks and loggers, runs ``Trainer.fit`` and,
+when ``report`` is set, evaluates and writes the report folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["RECIPES_DIR", "build_task", "compose", "train"]
+
+log = logging.getLogger("mmclip")
+
+RECIPES_DIR = Path(os.environ.get("MMCLIP_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
+
+
+def _plain(node: Any) -> Any:
+    """A plain Python container (no OmegaConf nodes cross into the library or a checkpoint)."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """Composes a recipe with hydra overrides, outside ``@hydra.main`` (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if not RECIPES_DIR.is_dir():
+        raise FileNotFoundError(
+            f"recipes folder {RECIPES_DIR} not found: set MMCLIP_RECIPES to the repository's recipes/ folder"
+        )
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        return hydra_compose(
+            config_name=config_name, overrides=list(overrides or []), return_hydra_config=False
+        )
+
+
+def build_task(cfg: DictConfig) -> Any:
+    """The ContrastiveTask a recipe describes."""
+    from mmclip.tasks.contrastive import ContrastiveTask
+
+    model = _plain(cfg.model)
+    return ContrastiveTask(
+        model=model.get("name"),
+        image_tower=_plain(cfg.get("image_tower")),
+        text_tower=_plain(cfg.get("text_tower")),
+        model_kwargs=model.get("kwargs") or {},
+        tokenizer=model.get("tokenizer", "clip"),
+        context_length=model.get("context_length"),
+        loss=_plain(cfg.loss),
+        optimizer=_plain(cfg.optimizer),
+        scheduler=_plain(cfg.scheduler),
+        **_plain(cfg.task),
+    )
+
+
+def _instantiate_all(node: Any) -> list[Any]:
+    from hydra.utils import instantiate
+
+    if node is None:
+        return []
+    return [instantiate(v) for v in node.values() if v is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the training a composed recipe describes; returns the final metrics (and the report path).
+
+    Args:
+        cfg: the composed ``train`` recipe.
+    """
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    pl.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = build_task(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.configure(data_config=task.model.data_config, tokenizer=task.tokenizer)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = pl.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        _log_summary(task, datamodule, cfg)
+    ckpt_path = cfg.get("resume")
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    results: dict[str, Any] = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1
+    }
+    if cfg.get("report") and trainer.is_global_zero:
+        from mmclip.report import write_report
+
+        report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg)
+        results.update(report["metrics"])
+        results["report_dir"] = str(run_dir / "report")
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _log_summary(task: Any, datamodule: Any, cfg: DictConfig) -> None:
+    from mmclip.models.factory import count_parameters
+
+    counts = count_parameters(task.model)
+    trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    dc = task.model.data_config
+    log.info(
+        "model: image %s (%.2fM) + text %s (%.2fM), embed %d, trainable %.2fM of %.2fM; input %s",
+        type(task.model.image_tower).__name__,
+        counts["image"] / 1e6,
+        type(task.model.text_tower).__name__,
+        counts["text"] / 1e6,
+        task.model.embed_dim,
+        trainable / 1e6,
+        counts["total"] / 1e6,
+        "x".join(map(str, dc.image_size)),
+    )
+    describe = getattr(datamodule, "describe", None)
+    log.info("data: %s", describe() if callable(describe) else type(datamodule).__name__)
+    log.info(
+        "loss: %s; optimizer: %s; schedule: %s",
+        _plain(cfg.loss),
+        _plain(cfg.optimizer),
+        _plain(cfg.scheduler),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mmclip train [OVERRIDES...]``: hydra's command line (``--cfg job``, ``-m`` sweeps) included."""
+    import sys
+
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="train")
+    def _run(cfg: DictConfig) -> None:
+        train(cfg)
+
+    sys.argv = [f"{Path(sys.argv[0]).name} train", *(sys.argv[1:] if argv is None else argv)]
+    _run()
+    return 0

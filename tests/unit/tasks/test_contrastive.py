@@ -1,0 +1,117 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from mmclip.losses import ClipLoss
+from mmclip.models.factory import get_model_config
+from mmclip.tasks import ContrastiveTask, build_model_config
+from tests.unit.tasks.fakes import FakeDataModule
+
+
+def _fit(task, steps=2, batch_size=8, **trainer_kwargs):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(task, datamodule=FakeDataModule(batch_size=batch_size))
+    return trainer
+
+
+def _weights(task):
+    return {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+
+
+def test_model_config_merges_or_replaces_towers():
+    cfg = build_model_config("tiny-vit", image_tower={"patch_dropout": 0.5})
+    base = get_model_config("tiny-vit")
+    assert cfg["image_tower"] == {**base["image_tower"], "patch_dropout": 0.5}
+    cfg = build_model_config("tiny-vit", image_tower={"name": "timm", "model_name": "resnet18"})
+    assert cfg["image_tower"] == {"name": "timm", "model_name": "resnet18"}
+    with pytest.raises(ValueError, match="named model"):
+        build_model_config(None, image_tower={"name": "clip_vit"})
+
+
+def test_training_step_loss_is_the_clip_loss_of_the_model_output():
+    task = ContrastiveTask(
+        "tiny-vit", optimizer={"lr": 1e-3}, scheduler={"name": None}, log_logit_stats=False
+    )
+    task.log = lambda *args, **kwargs: None  # no trainer attached
+    batch = next(iter(FakeDataModule().train_dataloader()))
+    loss = task.training_step(batch, 0)
+    out = task.model(batch.images, batch.input_ids)
+    x, y, s = out.image_embeds, out.text_embeds, out.logit_scale
+    logits = s * x @ y.T
+    labels = torch.arange(len(x))
+    expected = (
+        torch.nn.functional.cross_entropy(logits, labels)
+        + torch.nn.functional.cross_entropy(logits.T, labels)
+    ) / 2
+    torch.testing.assert_close(loss, expected)
+    assert isinstance(task.loss, ClipLoss)
+
+
+def test_temperature_is_clamped_after_every_step():
+    task = ContrastiveTask("tiny-vit", optimizer={"lr": 1e-3}, scheduler={"name": None})
+    with torch.no_grad():
+        task.model.logit_scale.fill_(math.log(1000.0))
+    _fit(task, steps=1)
+    assert task.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_micro_batches_give_the_full_batch_step():
+    torch.manual_seed(0)
+    # plain SGD: the step is the gradient itself (Adam's first step would amplify rounding in tiny gradients)
+    sgd = {"name": "sgd", "lr": 1.0, "weight_decay": 0.0}
+    plain = ContrastiveTask("tiny-vit", optimizer=sgd, scheduler={"name": None})
+    cached = ContrastiveTask("tiny-vit", optimizer=sgd, scheduler={"name": None}, micro_batch_size=3)
+    cached.model.load_state_dict(plain.model.state_dict())
+    _fit(plain, steps=1)
+    _fit(cached, steps=1)
+    a, b = _weights(plain), _weights(cached)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(a[k], v) for k, v in _weights(ContrastiveTask("tiny-vit")).items())
+
+
+def test_locked_image_tower_does_not_move():
+    task = ContrastiveTask(
+        "tiny-vit", lock_image={"unlocked_groups": 0}, optimizer={"lr": 1e-2}, scheduler={"name": None}
+    )
+    before = _weights(task)
+    _fit(task, steps=2)
+    after = _weights(task)
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if k.startswith(("image_tower.", "image_proj."))
+    )
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_tower."))
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds(tmp_path):
+    task = ContrastiveTask(
+        "tiny-vit",
+        loss={"name": "siglip", "exchange": "gather"},
+        model_kwargs={"init_logit_bias": -10.0},
+        optimizer={"lr": 1e-3},
+        scheduler={"name": "cosine", "warmup_steps": 1},
+    )
+    trainer = _fit(task, steps=2)
+    path = tmp_path / "t.ckpt"
+    trainer.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # no pickled objects in the file
+    again = ContrastiveTask.load_from_checkpoint(path, weights_only=True)
+    for k, v in _weights(task).items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert again.hparams.loss == {"name": "siglip", "exchange": "gather"}
+
+
+def test_patch_dropout_needs_a_vit():
+    with pytest.raises(ValueError, match="patch_dropout"):
+        ContrastiveTask("tiny-resnet", patch_dropout=0.5)
+    assert ContrastiveTask("tiny-vit", patch_dropout=0.5).model.image_tower.patch_dropout == 0.5

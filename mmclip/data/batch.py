@@ -67,7 +67,9 @@ class ImageTextBatch:
             images=self.images.pin_memory(),
             input_ids=self.input_ids.pin_memory(),
             keys=self.keys,
-            caption_image_index=None if self.caption_image_index is None else self.caption_image_index.pin_memory(),
+            caption_image_index=None
+            if self.caption_image_index is None
+            else self.caption_image_index.pin_memory(),
             labels=None if self.labels is None else self.labels.pin_memory(),
             captions=self.captions,
             skipped=self.skipped,

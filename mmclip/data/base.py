@@ -1,0 +1,329 @@
+"""The shared base of mmclip's data modules: transforms and tokenizer from the model, loaders, skip stats.
+
+A subclass only says where its data is: :meth:`ImageTextDataModule._source` returns, per split, either a
+map-style source (``len`` + ``get(i) -> RawSample``) or a stream source (shards read front to back). The
+base class builds the loaders the training task and the evaluation callbacks use:
+
+* ``train_dataloader()``: a resumable loader (``__len__``, ``state_dict``, ``load_state_dict``) yielding
+  ``ImageTextBatch`` with one random caption per image, split by rank itself (recipes set the trainer's
+  ``use_distributed_sampler: false``);
+* ``val_dataloader()`` / ``test_dataloader()`` / ``retrieval_dataloader(split, rank, world_size)``: every
+  caption of every image (``caption_image_index`` set), sharded by rank;
+* ``classification_dataloader(split, rank, world_size)``: batches with ``labels``, or ``None``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmclip.data.collate import SampleProcessor
+from mmclip.data.loader import MapEvalDataset, MapLoader, MapSource, ResumableLoader, _identity
+from mmclip.data.quality import DEFAULT_MAX_PIXELS, SkipStats
+from mmclip.data.stream import StreamDataset, StreamLoader, StreamSource
+from mmclip.data.transforms import ImageTransform, image_transform
+from mmclip.tokenizers import Tokenizer, get_tokenizer
+from mmclip.towers.base import DataConfig
+
+__all__ = ["ImageTextDataModule"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _is_stream(source: Any) -> bool:
+    return hasattr(source, "iter_shard")
+
+
+def _as_data_config(value: DataConfig | Mapping[str, Any] | None) -> DataConfig | None:
+    """A ``DataConfig`` from itself or from a mapping (as a Hydra recipe gives it)."""
+    if value is None or isinstance(value, DataConfig):
+        return value
+    kw = dict(value)
+    size = kw.get("image_size", DataConfig.image_size)
+    kw["image_size"] = (
+        (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(x) for x in size)
+    )
+    for key in ("mean", "std"):
+        if key in kw:
+            kw[key] = tuple(float(x) for x in kw[key])
+    return DataConfig(**kw)
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Base data module (see the module docstring). Subclasses implement :meth:`_source`.
+
+    Args:
+        data_config: the image tower's ``DataConfig`` (size, mean, std, interpolation, resize mode);
+            ``None`` uses the subclass default. The training task sets it with :meth:`configure`.
+        tokenizer: a tokenizer, a name/path for :func:`mmclip.tokenizers.get_tokenizer`, or ``None`` for CLIP's.
+        context_length: tokenizer row length (``None``: the tokenizer's default).
+        batch_size: training samples per batch on each rank.
+        eval_batch_size: evaluation batch size (``None``: ``batch_size``).
+        num_workers: DataLoader workers per rank.
+        seed: base seed of shuffling and augmentation (training is reproducible and resumable from it).
+        max_skip_fraction: ceiling on the fraction of skipped samples (see :class:`SkipStats`).
+        min_skip_samples: samples seen before the ceiling is enforced.
+        scale: RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect range.
+        color_jitter: ``(brightness, contrast, saturation, hue)`` or one float; ``None`` disables.
+        color_jitter_p: probability of jittering a training sample.
+        grayscale_p: probability of a gray training sample.
+        max_pixels: decompression-bomb ceiling (pixels, read from the header).
+        draft: decode JPEGs at a reduced size when much larger than needed (faster; not pixel-exact).
+        pin_memory: pin batches in page-locked memory.
+        prefetch_factor: batches prepared ahead by each worker.
+        keep_captions: keep the caption strings in batches.
+        classnames: class names for zero-shot classification (``None``: the data set's own, if any).
+        templates: zero-shot prompt templates with one ``{}`` (``None``: the default set).
+    """
+
+    default_data_config = DataConfig()
+
+    def __init__(
+        self,
+        *,
+        data_config: DataConfig | Mapping[str, Any] | None = None,
+        tokenizer: str | Tokenizer | None = "clip",
+        context_length: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 0,
+        max_skip_fraction: float = 0.1,
+        min_skip_samples: int = 200,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float | Sequence[float] | None = None,
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft: bool = False,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        keep_captions: bool = True,
+        classnames: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        self.data_config = _as_data_config(data_config)
+        self._tokenizer_spec: Any = tokenizer
+        self._tokenizer: Any = None
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.skip_stats = SkipStats(max_skip_fraction, min_skip_samples)
+        self.augment = dict(
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            color_jitter=color_jitter,
+            color_jitter_p=color_jitter_p,
+            grayscale_p=grayscale_p,
+        )
+        self.max_pixels = max_pixels
+        self.draft = draft
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.keep_captions = keep_captions
+        self.classnames: list[str] | None = list(classnames) if classnames is not None else None
+        self.templates: list[str] | None = list(templates) if templates is not None else None
+
+    # ----------------------------------------------------------------------------------------- settings
+    def configure(
+        self,
+        data_config: DataConfig | Mapping[str, Any] | None = None,
+        tokenizer: str | Tokenizer | None = None,
+    ) -> ImageTextDataModule:
+        """Set the image tower's ``DataConfig`` and/or the tokenizer (the training task calls this with the
+        model's before ``setup``). ``None`` leaves a setting unchanged. Returns ``self``."""
+        if data_config is not None:
+            self.data_config = _as_data_config(data_config)
+        if tokenizer is not None:
+            self._tokenizer_spec, self._tokenizer = tokenizer, None
+        return self
+
+    @property
+    def tokenizer(self) -> Any:
+        """The built tokenizer (built on first use from the name given to the constructor)."""
+        if self._tokenizer is None:
+            spec = self._tokenizer_spec
+            if spec is None or isinstance(spec, str) or hasattr(spec, "__fspath__"):
+                self._tokenizer = get_tokenizer(spec, context_length=self.context_length)
+            else:
+                self._tokenizer = spec
+            if self.num_workers > 0:  # Rust tokenizers must not use threads before the workers fork
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return self._tokenizer
+
+    def describe(self) -> str:
+        """One line for logs: the data module, batch size, workers and image preprocessing."""
+        cfg = self.data_config or self.default_data_config
+        return (
+            f"{type(self).__name__}(batch_size={self.batch_size}, num_workers={self.num_workers}, "
+            f"image_size={tuple(cfg.image_size)}, resize_mode={cfg.resize_mode!r}, seed={self.seed}, "
+            f"max_skip_fraction={self.skip_stats.max_skip_fraction:g})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints by Lightning: the skip counts, so the skipped fraction spans resumes."""
+        return {"skip_stats": self.skip_stats.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "skip_stats" in state_dict:
+            self.skip_stats.load_state_dict(state_dict["skip_stats"])
+
+    def transform(self, train: bool) -> ImageTransform:
+        """The image transform for training or evaluation, from the current ``data_config``."""
+        cfg = self.data_config or self.default_data_config
+        return (
+            image_transform(cfg, train=train, **self.augment) if train else image_transform(cfg, train=False)
+        )
+
+    def _processor(self, train: bool) -> SampleProcessor:
+        return SampleProcessor(
+            self.transform(train), train=train, max_pixels=self.max_pixels, draft=self.draft
+        )
+
+    def _rank_world(self, rank: int | None, world_size: int | None) -> tuple[int, int]:
+        if rank is not None and world_size is not None:
+            return rank, world_size
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    # ------------------------------------------------------------------------------------ subclass API
+    def _source(self, split: str) -> MapSource | StreamSource | None:
+        """The data of ``split`` ("train", "val", "test"), or ``None`` if there is none."""
+        raise NotImplementedError
+
+    def _classification_source(self, split: str) -> MapSource | StreamSource | None:
+        """The labelled data of ``split`` (default: the same data as :meth:`_source`)."""
+        return self._source(split)
+
+    def _labelled_indices(self, source: MapSource, split: str) -> list[int] | None:
+        """Indices of ``source`` with a label >= 0 (``None`` if the data has no labels)."""
+        return None
+
+    def _has_labels(self, split: str) -> bool:
+        return False
+
+    def _stream_options(self) -> dict[str, Any]:
+        """Extra :class:`StreamLoader` options (shuffle buffer, resampling, weights)."""
+        return {}
+
+    def _stream_num_batches(self, source: StreamSource, world_size: int) -> int:
+        """Training batches per rank per epoch for a stream source."""
+        n = source.num_samples()
+        if n is None:
+            raise ValueError(
+                f"{type(self).__name__}: the number of training samples is unknown (for shards: no sizes.json "
+                "next to them and they are not local files); pass epoch_length=<samples per epoch>"
+            )
+        return n // (world_size * self.batch_size)
+
+    # ------------------------------------------------------------------------------------ loaders
+    def train_dataloader(self, rank: int | None = None, world_size: int | None = None) -> ResumableLoader:
+        """Resumable training loader for this rank (``rank``/``world_size`` default to the trainer's)."""
+        rank, world_size = self._rank_world(rank, world_size)
+        source = self._source("train")
+        if source is None:
+            raise ValueError(f"{type(self).__name__} has no training data")
+        common = dict(
+            processor=self._processor(train=True),
+            tokenizer=self.tokenizer,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            keep_captions=self.keep_captions,
+            with_labels=False,
+        )
+        if _is_stream(source):
+            num_batches = self._stream_num_batches(source, world_size)  # type: ignore[arg-type]
+            return StreamLoader(source, num_batches=num_batches, **self._stream_options(), **common)  # type: ignore[arg-type]
+        return MapLoader(source, **common)  # type: ignore[arg-type]
+
+    def _eval_loader(self, split: str, rank: int, world_size: int, classification: bool) -> DataLoader | None:
+        source = self._classification_source(split) if classification else self._source(split)
+        if source is None:
+            return None
+        processor = self._processor(train=False)
+        if _is_stream(source):
+            dataset = StreamDataset(
+                source,  # type: ignore[arg-type]
+                processor,
+                self.tokenizer,
+                self.eval_batch_size,
+                train=False,
+                rank=rank,
+                world_size=world_size,
+                workers=self.num_workers,
+                label_filter=classification,
+                keep_captions=self.keep_captions,
+                with_labels=classification,
+            )
+            return DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                pin_memory=self.pin_memory,
+            )
+        indices = self._labelled_indices(source, split) if classification else None  # type: ignore[arg-type]
+        if indices is None:
+            indices = list(range(len(source)))  # type: ignore[arg-type]
+        mine = indices[rank * len(indices) // world_size : (rank + 1) * len(indices) // world_size]
+        b = self.eval_batch_size
+        chunks = [mine[i : i + b] for i in range(0, len(mine), b)]
+        dataset = MapEvalDataset(source, processor, self.tokenizer, self.keep_captions, classification)  # type: ignore[arg-type]
+        workers = min(self.num_workers, len(chunks))
+        return DataLoader(
+            dataset,
+            batch_sampler=chunks,
+            num_workers=workers,
+            collate_fn=_identity,
+            pin_memory=self.pin_memory,
+        )
+
+    def retrieval_dataloader(
+        self, split: str = "val", rank: int = 0, world_size: int = 1
+    ) -> DataLoader | None:
+        """Every caption of every image of ``split`` (this rank's share), or ``None`` if there is no such split."""
+        return self._eval_loader(split, rank, world_size, classification=False)
+
+    def classification_dataloader(
+        self, split: str = "test", rank: int = 0, world_size: int = 1
+    ) -> DataLoader | None:
+        """Labelled images of ``split`` (this rank's share) with ``labels`` set, or ``None`` without labels."""
+        if not self._has_labels(split):
+            return None
+        return self._eval_loader(split, rank, world_size, classification=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Retrieval batches of the "val" split, sharded by the trainer's rank (``[]`` if there is none)."""
+        rank, world_size = self._rank_world(None, None)
+        loader = self.retrieval_dataloader("val", rank, world_size)
+        return [] if loader is None else loader
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Retrieval batches of the "test" split, sharded by the trainer's rank (``[]`` if there is none)."""
+        rank, world_size = self._rank_world(None, None)
+        loader = self.retrieval_dataloader("test", rank, world_size)
+        return [] if loader is None else loader

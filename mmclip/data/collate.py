@@ -1,0 +1,161 @@
+"""From raw samples to ``ImageTextBatch``: decode, check, transform, pick captions, tokenize.
+
+Every data source (shards, HF rows, CSV rows, synthetic scenes) produces :class:`RawSample`s; a
+:class:`SampleProcessor` (run in the DataLoader workers) turns each into an image tensor and its captions
+or skips it with a reason, and :func:`collate` stacks the processed samples and tokenizes their captions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmclip.data.batch import ImageTextBatch
+from mmclip.data.quality import DEFAULT_MAX_PIXELS, SkipCounter, SkipSample, decode_captions, decode_image
+from mmclip.data.transforms import ImageTransform
+
+__all__ = ["ProcessedSample", "RawSample", "SampleProcessor", "collate", "sample_rng", "sample_seed"]
+
+
+def sample_seed(*parts: int | str) -> int:
+    """A 64-bit seed from ``parts`` (e.g. seed, epoch, sample index), the same in every process."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        h.update(repr(part).encode())
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little")
+
+
+def sample_rng(*parts: int | str) -> random.Random:
+    """A ``random.Random`` seeded with :func:`sample_seed` of ``parts``."""
+    return random.Random(sample_seed(*parts))
+
+
+@dataclass
+class RawSample:
+    """One sample as a source stores it, before any decoding.
+
+    Attributes:
+        key: unique sample key within the data set.
+        image: encoded bytes, a file path, a decoded ``PIL.Image``, or ``None`` if missing.
+        captions: a caption (str or bytes), a list of them, or ``None`` if missing.
+        label: class id, or ``None`` / ``-1`` if unknown.
+    """
+
+    key: str
+    image: Any
+    captions: Any
+    label: int | None = None
+
+
+@dataclass
+class ProcessedSample:
+    """A usable sample: its key, image tensor ``(3, H, W)``, captions (one in training) and label."""
+
+    key: str
+    image: torch.Tensor
+    captions: list[str]
+    label: int | None
+
+
+class SampleProcessor:
+    """Turns a :class:`RawSample` into a :class:`ProcessedSample`, or counts it as skipped.
+
+    Args:
+        transform: the image transform (training transforms take the sample's ``rng``).
+        train: keep one caption per image, chosen with the sample's ``rng``; otherwise keep all.
+        max_pixels: decompression-bomb ceiling (see :func:`mmclip.data.quality.decode_image`).
+        draft: decode JPEGs at a reduced size when the target is much smaller (faster, not pixel-exact
+            with a full decode).
+    """
+
+    def __init__(
+        self,
+        transform: ImageTransform,
+        train: bool,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft: bool = False,
+    ):
+        self.transform = transform
+        self.train = train
+        self.max_pixels = max_pixels
+        self.draft = draft
+        self.skips = SkipCounter()
+
+    def __call__(self, raw: RawSample, rng: random.Random | None = None) -> ProcessedSample | None:
+        """The processed sample, or ``None`` (counted in ``self.skips``) if it cannot be used."""
+        try:
+            captions = decode_captions(raw.captions)
+            if self.train:
+                captions = [
+                    captions[0] if len(captions) == 1 else captions[_rng(rng).randrange(len(captions))]
+                ]
+            draft_size = None
+            if self.draft:
+                # decode at 1/2^k only while the smallest possible crop keeps >= 1 pixel per output pixel
+                h, w = self.transform.size
+                t = self.transform
+                factor = 1.0 / math.sqrt(t.scale[0] * min(t.ratio[0], 1 / t.ratio[1])) if self.train else 1.0
+                draft_size = (math.ceil(w * factor), math.ceil(h * factor))
+            img = decode_image(raw.image, max_pixels=self.max_pixels, draft_size=draft_size)
+            try:
+                image = self.transform(img, rng)
+            except Exception as err:
+                raise SkipSample("decode_error", f"transform failed: {type(err).__name__}: {err}") from None
+        except SkipSample as skip:
+            self.skips.skip(skip.reason, raw.key, skip.detail)
+            return None
+        label = raw.label if raw.label is None else int(raw.label)
+        return ProcessedSample(key=raw.key, image=image, captions=captions, label=label)
+
+
+def _rng(rng: random.Random | None) -> random.Random:
+    return rng if rng is not None else random.Random()
+
+
+def collate(
+    samples: list[ProcessedSample],
+    tokenizer: Any,
+    skipped: dict[str, int] | None = None,
+    keep_captions: bool = True,
+    with_labels: bool | None = None,
+) -> ImageTextBatch:
+    """Stack processed samples into an ``ImageTextBatch`` and tokenize their captions.
+
+    Args:
+        samples: the batch's samples (at least one).
+        tokenizer: callable ``list[str] -> LongTensor (T, L)``.
+        skipped: skip counts to carry in the batch.
+        keep_captions: keep the caption strings in ``batch.captions``.
+        with_labels: attach ``labels`` (``-1`` where unknown); ``None`` attaches them if any sample has one.
+    """
+    # numpy copies on one thread: torch.stack's intra-op threads stall on a busy machine (main-process loading)
+    images = torch.from_numpy(np.stack([s.image.numpy() for s in samples]))  # (B, 3, H, W)
+    captions = [c for s in samples for c in s.captions]
+    counts = [len(s.captions) for s in samples]
+    caption_image_index = None
+    if any(n != 1 for n in counts):
+        caption_image_index = torch.repeat_interleave(
+            torch.arange(len(samples)), torch.tensor(counts)
+        )  # (T,)
+    input_ids = tokenizer(captions)  # (T, L)
+    if with_labels is None:
+        with_labels = any(s.label is not None and s.label >= 0 for s in samples)
+    labels = None
+    if with_labels:
+        labels = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)  # (B,)
+    return ImageTextBatch(
+        images=images,
+        input_ids=input_ids,
+        keys=[s.key for s in samples],
+        caption_image_index=caption_image_index,
+        labels=labels,
+        captions=captions if keep_captions else None,
+        skipped=dict(skipped or {}),
+    )

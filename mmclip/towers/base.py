@@ -7,13 +7,17 @@ A tower is an ``nn.Module`` with:
 - ``lock(unlocked_groups=0, freeze_norm=False)``: freeze all but the last ``unlocked_groups`` layer groups
   (LiT); with ``freeze_norm`` the BatchNorm statistics of the frozen groups stop updating too;
 - ``set_grad_checkpointing(enable=True)``;
-- image towers also have ``data_config``, so preprocessing follows the tower.
+- image towers also have ``data_config``, so preprocessing follows the tower;
+- optionally ``forward_intermediates(x, indices) -> (TowerOutput, list of (B, N, D) per index)``: the
+  outputs of the requested blocks (stages for convnets) in one pass, indices resolved with
+  ``resolve_layer_indices`` (negative counts from the end). The frozen ``Featurizer`` reads it.
 
 ``BaseTower`` implements ``lock`` from an ordered list of layer groups that each tower declares.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -23,7 +27,7 @@ from torch import nn
 from mmclip.layers.norm import freeze_batch_norm
 from mmclip.outputs import TowerOutput
 
-__all__ = ["OPENAI_MEAN", "OPENAI_STD", "DataConfig", "Tower", "BaseTower"]
+__all__ = ["OPENAI_MEAN", "OPENAI_STD", "DataConfig", "Tower", "BaseTower", "resolve_layer_indices"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -47,6 +51,21 @@ class DataConfig:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def resolve_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
+    """Block indices as non-negative positions, in the given order (negative ones count from the end).
+
+    Raises:
+        IndexError: an index outside ``[-num_layers, num_layers)``.
+    """
+    resolved = []
+    for i in indices:
+        j = num_layers + i if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise IndexError(f"layer index {i} is out of range for {num_layers} layers")
+        resolved.append(j)
+    return resolved
 
 
 @runtime_checkable

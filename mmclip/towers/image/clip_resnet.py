@@ -8,6 +8,7 @@ dual encoder uses projection "none" for this tower.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmclip.outputs import TowerOutput
 from mmclip.registry import IMAGE_TOWERS
-from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig
+from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig, resolve_layer_indices
 
 __all__ = ["ClipModifiedResNet", "AttentionPool2d"]
 
@@ -181,7 +182,8 @@ class ClipModifiedResNet(BaseTower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward(self, x: torch.Tensor) -> TowerOutput:
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, w, H/4, W/4) stem output."""
         if x.shape[-2:] != self.image_size:
             raise ValueError(
                 f"{type(self).__name__} expects images of {self.image_size[0]}x{self.image_size[1]}, got "
@@ -190,12 +192,36 @@ class ClipModifiedResNet(BaseTower):
             )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.stem(x)
+        return self.stem(x)
+
+    def _head(self, x: torch.Tensor) -> TowerOutput:
+        """(B, 32w, H, W) last stage output -> pooled vector and the map as tokens."""
+        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, 32w)
+        pooled = self.pool(x) if self.pool_type == "attn" else tokens.mean(dim=1)  # (B, output_dim)
+        return TowerOutput(pooled=pooled, tokens=tokens)
+
+    def forward(self, x: torch.Tensor) -> TowerOutput:
+        x = self._stem(x)
         for stage in self.stages:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False, context_fn=_checkpoint_contexts(stage))
             else:
                 x = stage(x)  # (B, C, H, W)
-        tokens = x.flatten(2).transpose(1, 2)  # (B, HW, 32w)
-        pooled = self.pool(x) if self.pool_type == "attn" else tokens.mean(dim=1)  # (B, output_dim)
-        return TowerOutput(pooled=pooled, tokens=tokens)
+        return self._head(x)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[TowerOutput, list[torch.Tensor]]:
+        """The forward output plus each requested stage's output map as tokens (B, H_i * W_i, C_i).
+
+        ``indices`` count the four stages (the stem is not one), negative from the last, and the
+        intermediates come back in their order. No activation checkpointing.
+        """
+        take = resolve_layer_indices(indices, len(self.stages))
+        wanted, kept = set(take), {}
+        x = self._stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)  # (B, C_i, H_i, W_i)
+            if i in wanted:
+                kept[i] = x.flatten(2).transpose(1, 2)  # (B, H_i * W_i, C_i)
+        return self._head(x), [kept[i] for i in take]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from mmclip.layers.pooling import build_pooler
 from mmclip.layers.transformer import Transformer
 from mmclip.outputs import TowerOutput
 from mmclip.registry import IMAGE_TOWERS
-from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig
+from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig, resolve_layer_indices
 
 __all__ = ["ClipVisionTransformer", "resample_pos_embed"]
 
@@ -148,7 +149,8 @@ class ClipVisionTransformer(BaseTower):
         patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
         return torch.cat([prefix, patches], dim=1)
 
-    def forward(self, x: torch.Tensor) -> TowerOutput:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, P + N, D) tokens entering the blocks."""
         if x.shape[-2:] != self.image_size:
             raise ValueError(
                 f"{type(self).__name__} expects images of {self.image_size[0]}x{self.image_size[1]}, got "
@@ -162,9 +164,31 @@ class ClipVisionTransformer(BaseTower):
         x = x + self.pos_embed.to(x.dtype)
         if self.patch_dropout > 0.0 and self.training:
             x = self._drop_patches(x)
-        x = self.norm_pre(x)
-        x = self.transformer(x)
+        return self.norm_pre(x)
+
+    def _head(self, x: torch.Tensor) -> TowerOutput:
+        """(B, P + N, D) block output -> ln_post, pooled vector and patch tokens."""
         x = self.norm_post(x)  # (B, P + N, D)
         tokens = x[:, self.num_prefix :]  # (B, N, D)
         pooled = self.pool(x if self.pool_type == "cls" else tokens)  # (B, D); cls reads the prefix token
         return TowerOutput(pooled=pooled, tokens=tokens)
+
+    def forward(self, x: torch.Tensor) -> TowerOutput:
+        return self._head(self.transformer(self._embed(x)))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[TowerOutput, list[torch.Tensor]]:
+        """The forward output plus the patch tokens (B, N, D) after each block in ``indices``.
+
+        Intermediates are the raw residual stream (before ``ln_post``) without the prefix tokens, in the
+        order of ``indices`` (negative ones count from the last block). No activation checkpointing.
+        """
+        take = resolve_layer_indices(indices, len(self.transformer.blocks))
+        wanted, kept = set(take), {}
+        x = self._embed(x)
+        for i, block in enumerate(self.transformer.blocks):
+            x = block(x)  # (B, P + N, D)
+            if i in wanted:
+                kept[i] = x[:, self.num_prefix :]  # (B, N, D)
+        return self._head(x), [kept[i] for i in take]

@@ -7,6 +7,7 @@ dual encoder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from mmclip.outputs import TowerOutput
 from mmclip.registry import IMAGE_TOWERS
-from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig
+from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig, resolve_layer_indices
 
 __all__ = ["TimmTower"]
 
@@ -99,8 +100,8 @@ class TimmTower(BaseTower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
-    def forward(self, x: torch.Tensor) -> TowerOutput:
-        features = self.trunk.forward_features(x)  # (B, C, H, W) or (B, N, D)
+    def _head(self, features: torch.Tensor) -> TowerOutput:
+        """Trunk features (B, C, H, W) or (B, N, D) -> pre-logits pooled vector and tokens."""
         pooled = self.trunk.forward_head(features, pre_logits=True)  # (B, C)
         if features.ndim == 4:
             nhwc = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"  # e.g. Swin
@@ -108,3 +109,23 @@ class TimmTower(BaseTower):
         else:
             tokens = features[:, getattr(self.trunk, "num_prefix_tokens", 0) :]  # (B, N, C) patch tokens only
         return TowerOutput(pooled=pooled, tokens=tokens)
+
+    def forward(self, x: torch.Tensor) -> TowerOutput:
+        return self._head(self.trunk.forward_features(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[TowerOutput, list[torch.Tensor]]:
+        """The forward output plus intermediate features as tokens (B, H_i * W_i, C_i).
+
+        Computed by timm's ``forward_intermediates``. ``indices`` count the trunk's ``feature_info``
+        entries (stages for convnets, blocks for ViTs; negative from the end), and the intermediates come
+        back in their order. ViT intermediates are patch tokens only.
+        """
+        if not hasattr(self.trunk, "forward_intermediates"):
+            raise TypeError(f"timm model {self.model_name!r} has no forward_intermediates (update timm)")
+        take = resolve_layer_indices(indices, len(self.trunk.feature_info))
+        unique = sorted(set(take))
+        features, maps = self.trunk.forward_intermediates(x, indices=unique, output_fmt="NCHW")
+        kept = {i: m.flatten(2).transpose(1, 2) for i, m in zip(unique, maps, strict=True)}  # (B, HW, C)
+        return self._head(features), [kept[i] for i in take]

@@ -9,6 +9,8 @@ blocks: identical outputs, and compute that follows real caption length instead 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from mmclip.layers.pooling import build_pooler
 from mmclip.layers.transformer import Transformer
 from mmclip.outputs import TowerOutput
 from mmclip.registry import TEXT_TOWERS
-from mmclip.towers.base import BaseTower
+from mmclip.towers.base import BaseTower, resolve_layer_indices
 
 __all__ = ["ClipTextTransformer"]
 
@@ -99,7 +101,8 @@ class ClipTextTransformer(BaseTower):
             return ids.argmax(dim=-1)
         return (ids == self.eot_token_id).int().argmax(dim=-1)
 
-    def forward(self, ids: torch.Tensor) -> TowerOutput:
+    def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, L) ids -> (B, L', D) embedded tokens, the (trimmed) ids and the pool index (or None)."""
         if ids.ndim != 2:
             raise ValueError(f"text ids must be (batch, length), got shape {tuple(ids.shape)}")
         if ids.shape[1] > self.context_length:
@@ -114,7 +117,11 @@ class ClipTextTransformer(BaseTower):
             ids = ids[:, : int(index.max()) + 1]
         L = ids.shape[1]
         x = self.token_embed(ids) + self.pos_embed[:L].to(self.token_embed.weight.dtype)  # (B, L, D)
-        x = self.transformer(x, causal=self.causal)
+        return x, ids, index
+
+    def _head(self, x: torch.Tensor, ids: torch.Tensor, index: torch.Tensor | None) -> TowerOutput:
+        """(B, L, D) block output -> ln_final, pooled vector, tokens and mask."""
+        B, L = ids.shape
         x = self.norm_final(x)  # (B, L, D)
         positions = torch.arange(L, device=ids.device)
         if index is not None:
@@ -124,3 +131,24 @@ class ClipTextTransformer(BaseTower):
             mask = ids != self.pad_token_id  # (B, L)
             pooled = self.pool(x)  # pad tokens take part in attention, so they do in pooling too
         return TowerOutput(pooled=pooled, tokens=x, mask=mask)
+
+    def forward(self, ids: torch.Tensor) -> TowerOutput:
+        x, ids, index = self._embed(ids)
+        return self._head(self.transformer(x, causal=self.causal), ids, index)
+
+    def forward_intermediates(
+        self, ids: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[TowerOutput, list[torch.Tensor]]:
+        """The forward output plus the hidden states (B, L', D) after each block in ``indices``.
+
+        Intermediates are the raw residual stream (before ``ln_final``), trimmed like ``tokens``, in the
+        order of ``indices`` (negative ones count from the last block). No activation checkpointing.
+        """
+        take = resolve_layer_indices(indices, len(self.transformer.blocks))
+        wanted, kept = set(take), {}
+        x, ids, index = self._embed(ids)
+        for i, block in enumerate(self.transformer.blocks):
+            x = block(x, causal=self.causal)  # (B, L', D)
+            if i in wanted:
+                kept[i] = x
+        return self._head(x, ids, index), [kept[i] for i in take]

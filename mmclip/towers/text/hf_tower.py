@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from mmclip.layers.pooling import build_pooler
 from mmclip.outputs import TowerOutput
 from mmclip.registry import TEXT_TOWERS
-from mmclip.towers.base import BaseTower
+from mmclip.towers.base import BaseTower, resolve_layer_indices
 
 __all__ = ["HFTextTower"]
 
@@ -101,6 +102,22 @@ class HFTextTower(BaseTower):
         x = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
         pooled = self.pool(x, mask=mask)  # (B, D)
         return TowerOutput(pooled=pooled, tokens=x, mask=mask)
+
+    def forward_intermediates(
+        self, ids: torch.Tensor, indices: Sequence[int]
+    ) -> tuple[TowerOutput, list[torch.Tensor]]:
+        """The forward output plus the encoder's hidden states (B, L, D) after each layer in ``indices``.
+
+        Read from ``output_hidden_states`` (the embeddings are not a layer), in the order of ``indices``
+        (negative ones count from the last layer).
+        """
+        mask = ids != self.pad_token_id  # (B, L)
+        out = self.encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        hidden = out.hidden_states[1:]  # one (B, L, D) per layer
+        take = resolve_layer_indices(indices, len(hidden))
+        x = out.last_hidden_state  # (B, L, D)
+        output = TowerOutput(pooled=self.pool(x, mask=mask), tokens=x, mask=mask)
+        return output, [hidden[i] for i in take]
 
 
 def _without_pooler(build: Any, source: Any) -> nn.Module:

@@ -2,8 +2,21 @@
 
 from mmclip import losses as _losses  # noqa: F401  (registers the built-in losses)
 from mmclip import towers as _towers  # noqa: F401  (registers the built-in towers and poolers)
+from mmclip.layers.perceiver import PerceiverResampler
 from mmclip.losses import ClipLoss, SigLipLoss
-from mmclip.models import DualEncoder, count_parameters, create_model, get_model_config, list_models
+from mmclip.models import (
+    DualEncoder,
+    Featurizer,
+    FeaturizerOutput,
+    FrozenWeightsError,
+    PrefixCaptioner,
+    TextFeaturizer,
+    build_caption_targets,
+    count_parameters,
+    create_model,
+    get_model_config,
+    list_models,
+)
 from mmclip.models.convert import CheckpointError
 from mmclip.models.hf_interop import export_hf, from_pretrained, to_hf_clip
 from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
@@ -23,10 +36,17 @@ __all__ = [
     "ClipTokenizer",
     "DualEncoder",
     "DualEncoderOutput",
+    "Featurizer",
+    "FeaturizerOutput",
+    "FrozenWeightsError",
     "HFTokenizer",
+    "PerceiverResampler",
+    "PrefixCaptioner",
     "Registry",
     "SigLipLoss",
+    "TextFeaturizer",
     "TowerOutput",
+    "build_caption_targets",
     "count_parameters",
     "export_hf",
     "from_pretrained",

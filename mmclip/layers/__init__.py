@@ -1,6 +1,7 @@
 """Torch-only building blocks shared by the towers and reuse components."""
 
 from mmclip.layers.norm import FrozenBatchNorm2d, LayerNorm, freeze_batch_norm
+from mmclip.layers.perceiver import PerceiverAttention, PerceiverBlock, PerceiverResampler
 from mmclip.layers.pooling import ClsPool, LastPool, MapPool, MeanPool, build_pooler
 from mmclip.layers.projection import Mlp, build_projection
 from mmclip.layers.transformer import Attention, QuickGELU, Transformer, TransformerBlock, get_activation
@@ -14,6 +15,9 @@ __all__ = [
     "MapPool",
     "MeanPool",
     "Mlp",
+    "PerceiverAttention",
+    "PerceiverBlock",
+    "PerceiverResampler",
     "QuickGELU",
     "Transformer",
     "TransformerBlock",

@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m mmclip.cli.main models
+	$(VENV)/bin/mmclip train experiment=shapes_tiny
 
 test: install
 	@$(PY) -m pytest -q tests; rc=$$?; \

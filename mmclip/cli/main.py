@@ -1,5 +1,6 @@
 """The ``mmclip`` command.
 
+``mmclip train`` and ``mmclip eval`` run the hydra recipes in ``recipes/`` (see ``mmclip.cli.train``).
 ``mmclip models [PATTERN]`` prints the named model configs with their resolution, parameter counts
 (total / image / text, in millions, counted on the real modules built on the meta device) and
 embedding width.
@@ -16,6 +17,9 @@ USAGE = """usage: mmclip COMMAND [ARGS]
 
 commands:
   models [PATTERN]   table of named models (shell-style PATTERN, e.g. 'ViT-*')
+  train [OVERRIDES]  train a recipe, e.g. `mmclip train experiment=shapes_tiny trainer.devices=2`
+  eval [OVERRIDES]   evaluate a model, e.g. `mmclip eval model=vit_b_32 checkpoint=PATH data=...`
+                     (hydra: `--cfg job` prints the composed config, `--help` lists the groups)
 """
 
 
@@ -80,6 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "models":
         return _print_models(rest[0] if rest else "*")
+    if command == "train":
+        from mmclip.cli.train import main as train_main
+
+        return train_main(rest)
+    if command == "eval":
+        from mmclip.cli.evaluate import main as eval_main
+
+        return eval_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -71,6 +71,19 @@ def _instantiate_all(node: Any) -> list[Any]:
     return [instantiate(v) for v in node.values() if v is not None]
 
 
+def _route_lightning_logs() -> None:
+    """Lightning's loggers print through their own handler; under hydra the root handler (console and the
+    run's log file) already shows them, so drop Lightning's to avoid every line printed twice."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            lg.removeHandler(handler)
+        lg.propagate = True
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs the training a composed recipe describes; returns the final metrics (and the report path).
 
@@ -80,6 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    _route_lightning_logs()
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,10 +116,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg)
         results.update(report["metrics"])
-        results["report_dir"] = str(run_dir / "report")
+        results["report_dir"] = report["dir"]
+        results["report_passed"] = report["passed"]
+        _print_report(report)
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    from mmclip.evaluation import results_table
+
+    console = Console()
+    console.print(results_table(report["metrics"], title="evaluation after training"))
+    for key, (value, target, ok) in report["checks"].items():
+        shown = "missing" if value is None else f"{value:.3f}"
+        console.print(f"{'[green]pass' if ok else '[red]FAIL'}[/] {key} = {shown} (target >= {target})")
+    console.print(f"report: {report['dir']}/summary.md")
 
 
 def _log_summary(task: Any, datamodule: Any, cfg: DictConfig) -> None:
@@ -141,10 +170,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import hydra
 
+    import __main__
+
     @hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="train")
     def _run(cfg: DictConfig) -> None:
         train(cfg)
 
-    sys.argv = [f"{Path(sys.argv[0]).name} train", *(sys.argv[1:] if argv is None else argv)]
+    args = sys.argv[1:] if argv is None else list(argv)
+    # Lightning's DDP launcher starts the other ranks by re-running `sys.argv[0]` (or `python -m` the main
+    # module) with the same overrides: point both at this file so every rank runs the training entry point.
+    sys.argv = [str(Path(__file__).resolve()), *args]
+    if getattr(__main__, "__spec__", None) is not None and __main__.__spec__.name != __name__:
+        __main__.__spec__ = None
     _run()
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

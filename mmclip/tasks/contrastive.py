@@ -78,7 +78,6 @@ class ContrastiveTask(pl.LightningModule):
         grad_checkpointing: recompute activations in backward to save memory.
         micro_batch_size: contrastive-correct accumulation: the batch is embedded in chunks of this size
             and the gradient equals that of the whole batch (``mmclip.losses.cached_feature_step``).
-        log_logit_stats: log mean positive / negative logits of the local batch.
     """
 
     def __init__(
@@ -98,11 +97,14 @@ class ContrastiveTask(pl.LightningModule):
         patch_dropout: float = 0.0,
         grad_checkpointing: bool = False,
         micro_batch_size: int | None = None,
-        log_logit_stats: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        config = build_model_config(model, image_tower, text_tower, **(model_kwargs or {}))
+        kwargs = dict(model_kwargs or {})
+        # tower refinements may also come inside model_kwargs (a model recipe's own adjustments)
+        image_tower = _merge(kwargs.pop("image_tower", {}), image_tower or {}) or None
+        text_tower = _merge(kwargs.pop("text_tower", {}), text_tower or {}) or None
+        config = build_model_config(model, image_tower, text_tower, **kwargs)
         self.model = DualEncoder.from_config(config)
         loss = dict(loss or {"name": "clip"})
         self.loss = LOSSES.build(loss.pop("name"), **loss)
@@ -161,8 +163,6 @@ class ContrastiveTask(pl.LightningModule):
         else:
             output = self.model(batch.images, batch.input_ids)
             losses = self.loss(output)
-            if self.hparams.log_logit_stats:
-                self._log_logit_stats(output)
         self._log_scalars(losses, len(batch))
         return losses["loss"] if self.automatic_optimization else None
 
@@ -199,26 +199,15 @@ class ContrastiveTask(pl.LightningModule):
         self.log("data/skipped", float(stats.total_skipped), on_step=True, reduce_fx="max")
 
     def _log_scalars(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        # the loss terms, temperature, bias and positive / negative logit means the loss reports
         for key, value in losses.items():
-            name = "train/loss" if key == "loss" else f"train/{key}"
-            self.log(name, value.detach(), prog_bar=key == "loss", batch_size=batch_size)
-        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=batch_size)
-        if self.model.logit_bias is not None:
+            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=batch_size)
+        if "logit_scale" not in losses:
+            self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=batch_size)
+        if self.model.logit_bias is not None and "logit_bias" not in losses:
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-
-    @torch.no_grad()
-    def _log_logit_stats(self, output: Any) -> None:
-        x, y = output.image_embeds.detach().float(), output.text_embeds.detach().float()
-        logits = output.logit_scale.detach().float() * x @ y.T  # (B, B)
-        if output.logit_bias is not None:
-            logits = logits + output.logit_bias.detach().float()
-        n = logits.shape[0]
-        pos = logits.diagonal()
-        self.log("train/pos_logit", pos.mean(), batch_size=n)
-        if n > 1:
-            self.log("train/neg_logit", (logits.sum() - pos.sum()) / (n * n - n), batch_size=n)
 
     def on_train_batch_end(self, outputs: Any, batch: ImageTextBatch, batch_idx: int) -> None:
         now = time.perf_counter()

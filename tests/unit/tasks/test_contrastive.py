@@ -39,9 +39,7 @@ def test_model_config_merges_or_replaces_towers():
 
 
 def test_training_step_loss_is_the_clip_loss_of_the_model_output():
-    task = ContrastiveTask(
-        "tiny-vit", optimizer={"lr": 1e-3}, scheduler={"name": None}, log_logit_stats=False
-    )
+    task = ContrastiveTask("tiny-vit", optimizer={"lr": 1e-3}, scheduler={"name": None})
     task.log = lambda *args, **kwargs: None  # no trainer attached
     batch = next(iter(FakeDataModule().train_dataloader()))
     loss = task.training_step(batch, 0)

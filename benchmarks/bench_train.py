@@ -112,8 +112,8 @@ def main() -> None:
     def oc_step() -> None:
         oc_opt.zero_grad(set_to_none=True)
         with amp:
-            out = oc(images, ids)
-            loss = oc_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            image_features, text_features, logit_scale = oc(images, ids)[:3]
+            loss = oc_loss(image_features, text_features, logit_scale)
         loss.backward()
         oc_opt.step()
         with torch.no_grad():

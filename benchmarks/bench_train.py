@@ -9,7 +9,7 @@ mmclip's step is ``ContrastiveTask.training_step``'s work: ``DualEncoder`` + ``C
     python benchmarks/bench_train.py                       # CPU, a ViT-B/32-shaped model at 4 layers
     python benchmarks/bench_train.py --layers 12 --batch 64 --device cuda --precision bf16
 
-On a GPU, --mfu also reports model FLOPs utilisation (FLOPs counted on mmclip's forward, x3 for training,
+On a GPU the table also gives model FLOPs utilisation (FLOPs counted on mmclip's forward, x3 for training,
 over the device's dense bf16 peak given by --peak-tflops).
 
 Prints a table and writes benchmarks/results/bench_train.json.

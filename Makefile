@@ -26,6 +26,9 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -33,14 +33,9 @@ from mmclip.models.convert import convert_openclip_state_dict, load_checkpoint
 from mmclip.tasks.optim import build_optimizer
 
 try:
-    from bench_inference import captions
+    from bench_inference import captions, sync
 except ImportError:  # run from the repository root
-    from benchmarks.bench_inference import captions
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    from benchmarks.bench_inference import captions, sync
 
 
 def _openclip_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -120,11 +115,11 @@ def main() -> None:
             oc.logit_scale.clamp_(0, 4.6052)
 
     def timed(step) -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         for _ in range(args.steps):
             step()
-        _sync(device)
+        sync(device)
         return args.batch * args.steps / (time.perf_counter() - t)
 
     for step in (mm_step, oc_step):  # warm-up

@@ -24,7 +24,7 @@ RECIPES_DIR = Path(os.environ.get("MMCLIP_RECIPES", Path(__file__).resolve().par
 
 def _plain(node: Any) -> Any:
     """A plain Python container (no OmegaConf nodes cross into the library or a checkpoint)."""
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+    if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
 
@@ -108,9 +108,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _log_summary(task, datamodule, cfg)
     ckpt_path = cfg.get("resume")
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
-    results: dict[str, Any] = {
-        k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1
-    }
+    results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("report") and trainer.is_global_zero:
         from mmclip.report import write_report
 

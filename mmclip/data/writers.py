@@ -32,6 +32,17 @@ from PIL import Image
 
 from mmclip.data.collate import RawSample
 
+
+def _update_json(path: str, update: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Rewrites the JSON object at ``path`` (empty if absent) as ``update(old)`` (index files that grow by split)."""
+    old: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    with open(path, "w") as f:
+        json.dump(update(old), f, indent=1, sort_keys=True)
+
+
 __all__ = ["encode_image", "write_csv_files", "write_hf_dataset", "write_shards"]
 
 _EXT = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
@@ -112,12 +123,7 @@ def write_shards(
             progress(1)
     if tar is not None:
         tar.close()
-    sizes_path = os.path.join(os.fspath(out_dir), "sizes.json")
-    if os.path.exists(sizes_path):
-        with open(sizes_path) as f:
-            sizes = {**json.load(f), **sizes}
-    with open(sizes_path, "w") as f:
-        json.dump(sizes, f, indent=1, sort_keys=True)
+    _update_json(os.path.join(os.fspath(out_dir), "sizes.json"), lambda old: {**old, **sizes})
     return paths
 
 
@@ -166,13 +172,10 @@ def write_hf_dataset(
     finally:
         if not bars_were_off:
             datasets.utils.enable_progress_bars()
-    index_path = os.path.join(os.fspath(out_dir), "dataset_dict.json")
-    splits: list[str] = []
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            splits = json.load(f).get("splits", [])
-    with open(index_path, "w") as f:
-        json.dump({"splits": sorted({*splits, split})}, f)
+    _update_json(
+        os.path.join(os.fspath(out_dir), "dataset_dict.json"),
+        lambda old: {"splits": sorted({*old.get("splits", []), split})},
+    )
     return path
 
 

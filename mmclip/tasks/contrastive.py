@@ -146,6 +146,10 @@ class ContrastiveTask(pl.LightningModule):
         return self._tokenizer
 
     def setup(self, stage: str) -> None:
+        if self.hparams.micro_batch_size is not None and str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                "micro_batch_size is not supported with 16-mixed precision; use bf16-mixed or 32"
+            )
         if stage == "fit" and self.hparams.pretrained and getattr(self.trainer, "ckpt_path", None) is None:
             from mmclip.models.convert import load_pretrained_into
 
@@ -167,11 +171,6 @@ class ContrastiveTask(pl.LightningModule):
         return losses["loss"] if self.automatic_optimization else None
 
     def _accumulated_step(self, batch: ImageTextBatch) -> dict[str, torch.Tensor]:
-        precision = str(self.trainer.precision) if self._trainer is not None else "32"
-        if precision.startswith("16"):
-            raise ValueError(
-                "micro_batch_size is not supported with 16-mixed precision; use bf16-mixed or 32"
-            )
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         losses = cached_feature_step(

@@ -70,12 +70,14 @@ def test_micro_batches_give_the_full_batch_step():
     plain = ContrastiveTask("tiny-vit", optimizer=sgd, scheduler={"name": None})
     cached = ContrastiveTask("tiny-vit", optimizer=sgd, scheduler={"name": None}, micro_batch_size=3)
     cached.model.load_state_dict(plain.model.state_dict())
+    start = _weights(plain)
     _fit(plain, steps=1)
     _fit(cached, steps=1)
     a, b = _weights(plain), _weights(cached)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert any(not torch.equal(a[k], v) for k, v in _weights(ContrastiveTask("tiny-vit")).items())
+    moved = [k for k in a if not torch.equal(a[k], start[k])]
+    assert len(moved) > len(a) // 2  # the step did update (nearly) every tensor
 
 
 def test_locked_image_tower_does_not_move():

@@ -45,9 +45,18 @@ def compose(config_name: str = "train", overrides: list[str] | None = None) -> D
 
 
 def build_task(cfg: DictConfig) -> Any:
-    """The ContrastiveTask a recipe describes."""
+    """The LightningModule a recipe describes.
+
+    A ``task`` node with ``_target_`` (root recipes such as ``featurize.yaml`` and ``caption.yaml``) is
+    instantiated as it stands, with plain containers for its arguments; otherwise (``train.yaml``) the
+    :class:`~mmclip.tasks.ContrastiveTask` is built from the model, tower, loss, optimizer and scheduler groups.
+    """
     from mmclip.tasks.contrastive import ContrastiveTask
 
+    if cfg.get("task") is not None and "_target_" in cfg.task:
+        from hydra.utils import instantiate
+
+        return instantiate(cfg.task, _convert_="all")
     model = _plain(cfg.model)
     return ContrastiveTask(
         model=model.get("name"),
@@ -99,20 +108,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     task = build_task(cfg)
     datamodule = instantiate(cfg.data)
-    datamodule.configure(data_config=task.model.data_config, tokenizer=task.tokenizer)
+    datamodule.configure(data_config=task.data_config, tokenizer=task.tokenizer)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = pl.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        _log_summary(task, datamodule, cfg)
+        if hasattr(task, "report"):
+            trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+            log.info("task: %s (%.2fM trainable parameters)", type(task).__name__, trainable / 1e6)
+            log.info("data: %s", datamodule.describe())
+        else:
+            _log_summary(task, datamodule, cfg)
     ckpt_path = cfg.get("resume")
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("report") and trainer.is_global_zero:
-        from mmclip.report import write_report
+        if hasattr(task, "report"):  # tasks other than the contrastive one evaluate themselves
+            report = task.report(datamodule, run_dir / "report")
+        else:
+            from mmclip.report import write_report
 
-        report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg)
+            report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg)
         results.update(report["metrics"])
         results["report_dir"] = report["dir"]
         results["report_passed"] = report["passed"]

@@ -132,6 +132,11 @@ class ContrastiveTask(pl.LightningModule):
 
     # ---- pieces the rest of the system asks for ----------------------------------------------------
     @property
+    def data_config(self) -> Any:
+        """The image tower's preprocessing settings (``DataConfig``) for the data module's transforms."""
+        return self.model.data_config
+
+    @property
     def tokenizer(self) -> Any:
         """The tokenizer named by the ``tokenizer`` spec (built once)."""
         if self._tokenizer is None:

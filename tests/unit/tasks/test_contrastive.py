@@ -75,7 +75,9 @@ def test_micro_batches_give_the_full_batch_step():
     _fit(cached, steps=1)
     a, b = _weights(plain), _weights(cached)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        # equal up to float32 accumulation order: a tolerance relative to the size of this tensor's step
+        scale = (a[k] - start[k]).abs().max().item()
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5 * scale + 1e-6, msg=k)
     moved = [k for k in a if not torch.equal(a[k], start[k])]
     assert len(moved) > len(a) // 2  # the step did update (nearly) every tensor
 

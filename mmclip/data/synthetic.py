@@ -15,6 +15,11 @@ Sample ``i`` of split ``s`` is a pure function of ``(seed, s, i)``: it renders i
 any process, without files. Classification samples (``kind="classification"``) show one shape and carry
 its class label (classes dealt round-robin, so every class is equally frequent).
 
+Counting (``scene_label="count"``): scene samples carry ``label = number of shapes - 1``, a class id into
+:data:`COUNT_CLASSNAMES` ("one shape", "two shapes", "three shapes"), as a target for models built on
+frozen features (``mmclip.tasks.featurizer``). Scenes hold 1, 2 or 3 shapes with probabilities 0.40, 0.35
+and 0.25, so always answering "one shape" is right 40% of the time (the majority-class chance level).
+
 The Lightning data module that renders it on the fly is
 :class:`mmclip.data.synthetic_module.SyntheticDataModule` (also importable from here). On disk:
 :func:`write_webdataset`, :func:`write_hf`, :func:`write_csv`, :func:`write_all`, or
@@ -39,6 +44,9 @@ from mmclip.data.writers import write_csv_files, write_hf_dataset, write_shards
 __all__ = [
     "CLASSNAMES",
     "COLORS",
+    "COUNT_CLASSNAMES",
+    "COUNT_PROBS",
+    "SCENE_LABELS",
     "HELD_OUT_CLASSES",
     "HELD_OUT_PAIRS",
     "SHAPES",
@@ -65,6 +73,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
 SIZES: dict[str, float] = {"small": 0.085, "large": 0.13}  # radius as a fraction of the image side
 CLASSNAMES: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
+COUNT_CLASSNAMES: list[str] = ["one shape", "two shapes", "three shapes"]
+"""Class names of ``scene_label="count"`` labels (label = number of shapes - 1)."""
+COUNT_PROBS: tuple[float, float, float] = (0.4, 0.35, 0.25)
+"""Probability of a scene holding 1, 2 and 3 shapes."""
+SCENE_LABELS: tuple[str, ...] = ("none", "count")
+"""What the ``label`` of a scene sample is: "none" (the class of a lone shape, else -1) or "count"."""
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("red", "triangle"),
     ("green", "diamond"),
@@ -163,7 +177,7 @@ def _object(rng: Any, pair: tuple[str, str], cell: int) -> ShapeObject:
 
 def sample_scene(rng: Any, pairs: list[tuple[str, str]], n_objects: int | None = None) -> Scene:
     """Draw a scene with ``n_objects`` (default: 1-3) distinct colour-shape ``pairs`` on distinct cells."""
-    n = n_objects or rng.choices((1, 2, 3), (0.4, 0.35, 0.25))[0]
+    n = n_objects or rng.choices((1, 2, 3), COUNT_PROBS)[0]
     cells = rng.sample(range(9), n)
     chosen = rng.sample(pairs, n)
     objects = tuple(_object(rng, p, c) for p, c in zip(chosen, cells, strict=True))
@@ -257,8 +271,12 @@ def _three(a: Any, b: Any, c: Any, da: str, db: str, dc: str) -> list[str]:
 _TEMPLATE_SETS: dict[int, Callable[..., list[str]]] = {1: _one, 2: _two, 3: _three}
 
 
-def captions_for(scene: Scene, rng: Any, k: int = 5) -> list[str]:
-    """``k`` captions of ``scene`` from distinct templates (repeating templates only when ``k`` is larger)."""
+def captions_for(scene: Scene, rng: Any, k: int = 5, shape_only: float = 0.0) -> list[str]:
+    """``k`` captions of ``scene`` from distinct templates (repeating templates only when ``k`` is larger).
+
+    With probability ``shape_only`` a caption leaves the colours out ("a small circle to the left of a
+    square"): a caption a scene can only be told from its neighbours by through its shapes.
+    """
     n = len(scene.objects)
     n_templates = len(_TEMPLATE_SETS[n](*scene.objects, *(o.shape for o in scene.objects)))
     picks = rng.sample(range(n_templates), min(k, n_templates))
@@ -271,6 +289,8 @@ def captions_for(scene: Scene, rng: Any, k: int = 5) -> list[str]:
             f"{o.size} {o.colour} {o.shape}" if rng.random() < 0.75 else f"{o.colour} {o.shape}"
             for o in objects
         ]
+        if shape_only and rng.random() < shape_only:
+            descs = [d.replace(f"{o.colour} ", "") for d, o in zip(descs, objects, strict=True)]
         out.append(_TEMPLATE_SETS[n](*objects, *descs)[t])
     return out
 
@@ -286,6 +306,10 @@ class SyntheticShapes:
         captions_per_image: captions per scene.
         kind: "scenes" (1-3 shapes, captions) or "classification" (one shape, label, captions).
         classes: for "classification": "all", "seen" or "held_out" classes.
+        scene_label: the ``label`` of "scenes" samples: "none" (the class of a lone shape, -1 for
+            several) or "count" (number of shapes - 1, an index into :data:`COUNT_CLASSNAMES`).
+        shape_only_captions: probability that a caption names the shapes without their colours (see
+            :func:`captions_for`; 0 keeps every caption, and the random stream, as it was).
     """
 
     def __init__(
@@ -297,9 +321,19 @@ class SyntheticShapes:
         captions_per_image: int = 5,
         kind: str = "scenes",
         classes: str = "all",
+        scene_label: str = "none",
+        shape_only_captions: float = 0.0,
     ):
+        if not 0.0 <= shape_only_captions <= 1.0:
+            raise ValueError(f"shape_only_captions is a probability in [0, 1], got {shape_only_captions}")
+        self.shape_only_captions = float(shape_only_captions)
         if kind not in ("scenes", "classification"):
             raise ValueError(f"kind must be 'scenes' or 'classification', got {kind!r}")
+        if scene_label not in SCENE_LABELS:
+            raise ValueError(f"scene_label must be one of {SCENE_LABELS}, got {scene_label!r}")
+        if scene_label != "none" and kind != "scenes":
+            raise ValueError(f"scene_label={scene_label!r} labels scenes; it needs kind='scenes'")
+        self.scene_label = scene_label
         self.split, self.n, self.image_size, self.seed = split, int(n), int(image_size), seed
         self.captions_per_image, self.kind = captions_per_image, kind
         self.pairs = (
@@ -327,9 +361,15 @@ class SyntheticShapes:
     def get(self, index: int) -> RawSample:
         scene = self.scene(index)
         captions = captions_for(
-            scene, sample_rng(self.seed, self.split, self.kind, index, "captions"), self.captions_per_image
+            scene,
+            sample_rng(self.seed, self.split, self.kind, index, "captions"),
+            self.captions_per_image,
+            self.shape_only_captions,
         )
-        label = scene.objects[0].label if len(scene.objects) == 1 else -1
+        if self.scene_label == "count":
+            label = len(scene.objects) - 1
+        else:
+            label = scene.objects[0].label if len(scene.objects) == 1 else -1
         return RawSample(self.key(index), render(scene, self.image_size), captions, label)
 
     def __getitem__(self, index: int) -> RawSample:

@@ -5,10 +5,46 @@ from __future__ import annotations
 from typing import Any
 
 from mmclip.data.base import ImageTextDataModule
-from mmclip.data.synthetic import CLASSNAMES, HELD_OUT_CLASSES, TEMPLATES, SyntheticShapes, _pairs
+from mmclip.data.collate import RawSample
+from mmclip.data.loader import MapLoader, ResumableLoader
+from mmclip.data.synthetic import (
+    CLASSNAMES,
+    COUNT_CLASSNAMES,
+    HELD_OUT_CLASSES,
+    SCENE_LABELS,
+    TEMPLATES,
+    Scene,
+    SyntheticShapes,
+    _pairs,
+)
 from mmclip.towers.base import DataConfig
 
 __all__ = ["SyntheticDataModule"]
+
+_TRAIN_SHAPES = ("scenes", "single", "mix")
+
+
+class _Interleaved:
+    """Two map-style sources alternating sample by sample: even indices from ``a``, odd ones from ``b``."""
+
+    def __init__(self, a: SyntheticShapes, b: SyntheticShapes, n: int) -> None:
+        self.a, self.b, self.n = a, b, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _pick(self, index: int) -> tuple[SyntheticShapes, int]:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} samples")
+        return (self.a if index % 2 == 0 else self.b), index // 2
+
+    def scene(self, index: int) -> Scene:
+        source, i = self._pick(index)
+        return source.scene(i)
+
+    def get(self, index: int) -> RawSample:
+        source, i = self._pick(index)
+        return source.get(i)
 
 
 class SyntheticDataModule(ImageTextDataModule):
@@ -22,6 +58,17 @@ class SyntheticDataModule(ImageTextDataModule):
         captions_per_image: captions per scene.
         classification_classes: classes in ``classification_dataloader``: "all", "seen" or "held_out"
             (labels always index :data:`CLASSNAMES`).
+        train_shapes: what the training split shows: "scenes" (1-3 shapes per image), "single" (one shape
+            per image, the seen classes in turn, as the classification images) or "mix" (the two
+            alternating, half each). Evaluation splits are unchanged.
+        scene_label: "none" (default: contrastive data, single-shape classification images) or "count":
+            the data module becomes a counting data set. Training batches then carry ``labels`` = number
+            of shapes - 1 (class ids into :data:`COUNT_CLASSNAMES`, which become ``classnames``), and
+            ``classification_dataloader(split)`` yields the first ``n_classification`` scenes of ``split``
+            with those labels instead of single-shape images; there are no held-out classes.
+        shape_only_captions: probability that a training caption names the shapes without their colours
+            (in-batch negatives then differ by shape, which makes a contrastive model learn shape and not
+            only colour and place); evaluation captions always name both.
         **kwargs: :class:`ImageTextDataModule` options (``data_config``, ``tokenizer``, ``batch_size``, ...).
     """
 
@@ -35,30 +82,73 @@ class SyntheticDataModule(ImageTextDataModule):
         data_seed: int = 0,
         captions_per_image: int = 5,
         classification_classes: str = "all",
+        scene_label: str = "none",
+        train_shapes: str = "scenes",
+        shape_only_captions: float = 0.0,
         **kwargs: Any,
     ):
-        kwargs.setdefault("classnames", CLASSNAMES)
-        kwargs.setdefault("templates", TEMPLATES)
+        if scene_label not in SCENE_LABELS:
+            raise ValueError(f"scene_label must be one of {SCENE_LABELS}, got {scene_label!r}")
+        counting = scene_label == "count"
+        kwargs.setdefault("classnames", COUNT_CLASSNAMES if counting else CLASSNAMES)
+        kwargs.setdefault("templates", ["a picture of {}."] if counting else TEMPLATES)
         super().__init__(**kwargs)
         _pairs(classification_classes)  # validate
+        if train_shapes not in _TRAIN_SHAPES:
+            raise ValueError(f"train_shapes must be one of {_TRAIN_SHAPES}, got {train_shapes!r}")
+        if train_shapes != "scenes" and counting:
+            raise ValueError("scene_label='count' labels scenes: it needs train_shapes='scenes'")
+        self.train_shapes = train_shapes
+        self.shape_only_captions = shape_only_captions
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.n_classification = n_test if n_classification is None else n_classification
         self.image_size = image_size
         self.data_seed = data_seed
         self.captions_per_image = captions_per_image
         self.classification_classes = classification_classes
-        self.held_out_classes = list(HELD_OUT_CLASSES)
+        self.scene_label = scene_label
+        self.held_out_classes = [] if counting else list(HELD_OUT_CLASSES)
         self.default_data_config = DataConfig(image_size=(image_size, image_size))
 
-    def _source(self, split: str) -> SyntheticShapes | None:
+    def _source(self, split: str) -> SyntheticShapes | _Interleaved | None:
         n = self.sizes.get(split, 0)
         if not n:
             return None
-        return SyntheticShapes(split, n, self.image_size, self.data_seed, self.captions_per_image)
+        scenes = SyntheticShapes(
+            split,
+            n,
+            self.image_size,
+            self.data_seed,
+            self.captions_per_image,
+            scene_label=self.scene_label,
+            shape_only_captions=self.shape_only_captions if split == "train" else 0.0,
+        )
+        if split != "train" or self.train_shapes == "scenes":
+            return scenes
+        single = SyntheticShapes(
+            split,
+            n,
+            self.image_size,
+            self.data_seed,
+            self.captions_per_image,
+            "classification",
+            "seen",
+            shape_only_captions=self.shape_only_captions,
+        )
+        return single if self.train_shapes == "single" else _Interleaved(scenes, single, n)
 
     def _classification_source(self, split: str) -> SyntheticShapes | None:
         if not self.n_classification:
             return None
+        if self.scene_label == "count":
+            return SyntheticShapes(
+                split,
+                self.n_classification,
+                self.image_size,
+                self.data_seed,
+                self.captions_per_image,
+                scene_label="count",
+            )
         classes = (
             "seen"
             if split == "train" and self.classification_classes == "all"
@@ -76,3 +166,10 @@ class SyntheticDataModule(ImageTextDataModule):
 
     def _has_labels(self, split: str) -> bool:
         return bool(self.n_classification)
+
+    def train_dataloader(self, rank: int | None = None, world_size: int | None = None) -> ResumableLoader:
+        """The base class's training loader; with ``scene_label="count"`` its batches carry ``labels``."""
+        loader = super().train_dataloader(rank, world_size)
+        if self.scene_label != "none" and isinstance(loader, MapLoader):
+            loader.dataset.with_labels = True  # the batch builder attaches the scene labels
+        return loader

@@ -227,3 +227,45 @@ def torch_cat(tensors):
     import torch
 
     return torch.cat(tensors)
+
+
+def test_count_labels(clip_tokenizer):
+    """scene_label="count": label = number of shapes - 1 everywhere; the default is unchanged."""
+    from mmclip.data.synthetic import COUNT_CLASSNAMES, COUNT_PROBS
+
+    plain = SyntheticShapes("train", 200, image_size=16)
+    counted = SyntheticShapes("train", 200, image_size=16, scene_label="count")
+    counts = []
+    for i in range(200):
+        a, b = plain.get(i), counted.get(i)
+        n = len(plain.scene(i).objects)
+        counts.append(n)
+        assert b.label == n - 1 and a.key == b.key and a.captions == b.captions
+        assert a.label == (plain.scene(i).objects[0].label if n == 1 else -1)
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    freq = np.bincount(counts, minlength=4)[1:] / 200
+    assert np.abs(freq - np.array(COUNT_PROBS)).max() < 0.1
+    with pytest.raises(ValueError, match="scene_label"):
+        SyntheticShapes("train", 5, scene_label="area")
+    with pytest.raises(ValueError, match="kind='scenes'"):
+        SyntheticShapes("test", 5, kind="classification", scene_label="count")
+
+    dm = SyntheticDataModule(
+        n_train=40,
+        n_val=0,
+        n_test=12,
+        image_size=16,
+        batch_size=8,
+        num_workers=0,
+        tokenizer=clip_tokenizer,
+        scene_label="count",
+    )
+    assert dm.classnames == COUNT_CLASSNAMES and dm.held_out_classes == []
+    source = SyntheticShapes("train", 40, image_size=16)
+    for batch in dm.train_dataloader():
+        index = [int(k.split("-")[1]) for k in batch.keys]
+        assert batch.labels.tolist() == [len(source.scene(i).objects) - 1 for i in index]
+    test = SyntheticShapes("test", 12, image_size=16)
+    cls = list(dm.classification_dataloader("test"))
+    assert [k for b in cls for k in b.keys] == [test.key(i) for i in range(12)]  # scenes, not single shapes
+    assert torch_cat([b.labels for b in cls]).tolist() == [len(test.scene(i).objects) - 1 for i in range(12)]

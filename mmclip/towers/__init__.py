@@ -1,7 +1,7 @@
 """Image and text towers. Importing this package registers every built-in tower."""
 
 from mmclip.towers.base import DataConfig, Tower
-from mmclip.towers.image import ClipModifiedResNet, ClipVisionTransformer, TimmTower
+from mmclip.towers.image import ClipModifiedResNet, ClipVisionTransformer, PrecomputedTower, TimmTower
 from mmclip.towers.text import ClipTextTransformer, HFTextTower
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "ClipVisionTransformer",
     "DataConfig",
     "HFTextTower",
+    "PrecomputedTower",
     "TimmTower",
     "Tower",
 ]

@@ -1,7 +1,8 @@
-"""Image towers: native CLIP ViT and modified ResNet, and any timm model."""
+"""Image towers: native CLIP ViT and modified ResNet, any timm model, and precomputed embeddings."""
 
 from mmclip.towers.image.clip_resnet import ClipModifiedResNet
 from mmclip.towers.image.clip_vit import ClipVisionTransformer
+from mmclip.towers.image.precomputed import PrecomputedTower
 from mmclip.towers.image.timm_tower import TimmTower
 
-__all__ = ["ClipModifiedResNet", "ClipVisionTransformer", "TimmTower"]
+__all__ = ["ClipModifiedResNet", "ClipVisionTransformer", "PrecomputedTower", "TimmTower"]

@@ -15,7 +15,8 @@ _SCHEDULES = ("cosine", "constant", "linear")
 
 
 def _tower_of(name: str) -> str:
-    if name.startswith(("image_tower.", "image_proj.")):
+    # image_encoder.: a PrefixCaptioner's image side (tower and projection)
+    if name.startswith(("image_tower.", "image_proj.", "image_encoder.")):
         return "image"
     if name.startswith(("text_tower.", "text_proj.")):
         return "text"
@@ -33,7 +34,8 @@ def param_groups(
 
     Parameters with ``ndim >= 2`` (weight matrices, convolution kernels, embedding tables) decay; gains,
     biases, class tokens and the scalar ``logit_scale`` / ``logit_bias`` do not. Frozen parameters are left
-    out. ``image_lr`` / ``text_lr`` (default ``lr``) apply to each tower and its projection.
+    out. ``image_lr`` / ``text_lr`` (default ``lr``) apply to each tower and its projection (``image_lr`` also
+    to a ``PrefixCaptioner``'s ``image_encoder``).
     """
     lrs = {"image": image_lr or lr, "text": text_lr or lr, "other": lr}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}

@@ -20,6 +20,14 @@ commands:
   train [OVERRIDES]  train a recipe, e.g. `mmclip train experiment=shapes_tiny trainer.devices=2`
   eval [OVERRIDES]   evaluate a model, e.g. `mmclip eval model=vit_b_32 checkpoint=PATH data=...`
                      (hydra: `--cfg job` prints the composed config, `--help` lists the groups)
+  embed [OVERRIDES]  embed a corpus into a resumable store of fp16 shards, e.g.
+                     `mmclip embed model=vit_b_32 checkpoint=PATH source.kind=images source.path=DIR out=DIR`
+  search OUT (--text T | --image PATH) [-k 5] [--faiss] [--json]
+                     exact top-k over a store written by `mmclip embed`
+  caption CKPT IMAGES...
+                     caption images (files or folders) with a captioning checkpoint: JSON lines
+                     (--strategy greedy|beam|nucleus, --out FILE); train one with
+                     `mmclip train -cn caption experiment=caption_shapes`
 """
 
 
@@ -92,6 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmclip.cli.evaluate import main as eval_main
 
         return eval_main(rest)
+    if command == "embed":
+        from mmclip.cli.embed import main as embed_main
+
+        return embed_main(rest)
+    if command == "search":
+        from mmclip.cli.search import main as search_main
+
+        return search_main(rest)
+    if command == "caption":
+        from mmclip.cli.caption import main as caption_main
+
+        return caption_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -16,11 +16,10 @@ __all__ = ["write_report"]
 
 log = logging.getLogger(__name__)
 
-#: What the embedded demo (the ``shapes_tiny`` recipe, ten minutes on a 2-core CPU) must reach, set from
-#: what it reaches (t2i R@1 0.55 among 200 images, held-out zero-shot top-1 0.37 over 30 classes) with a
-#: margin; a broken loss stays near chance (1/200 and 1/30). Shape naming is the demo's weak point: its
-#: top-5 is 1.0 (the colour is always right), top-1 picks among the five shapes of that colour.
-DEMO_THRESHOLDS = {"retrieval/t2i_R@1": 0.5, "zeroshot/held_out_top1": 0.25}
+#: What the embedded demo (the ``shapes_tiny`` recipe, under ten minutes on a 2-core CPU) must reach: the
+#: targets of the training issue. It reaches t2i R@1 0.93 among 200 images and held-out zero-shot top-1
+#: 0.85 over 30 classes (all classes 0.97); a broken loss stays near chance (1/200 and 1/30).
+DEMO_THRESHOLDS = {"retrieval/t2i_R@1": 0.5, "zeroshot/held_out_top1": 0.8}
 
 
 def _matplotlib() -> Any:

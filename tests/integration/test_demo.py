@@ -21,6 +21,6 @@ def test_demo_reaches_its_thresholds(tmp_path):
         assert results[key] >= target, (key, results[key], target)
         assert saved["metrics"][key] == results[key]
     assert saved["passed"] is True
-    # far above chance: 1 / 200 images for retrieval, 1 / 30 classes (top-1) and 5 / 30 (top-5) for zero-shot
-    assert results["retrieval/t2i_R@1"] > 50 / 200 and results["zeroshot/held_out_top1"] > 5 / 30
-    assert results["zeroshot/top5"] >= 0.9
+    # far above chance (1 / 200 images for retrieval, 1 / 30 classes for zero-shot), on every class too
+    assert results["zeroshot/top1"] >= 0.8 and results["zeroshot/top5"] >= 0.95
+    print({k: round(results[k], 3) for k in (*DEMO_THRESHOLDS, "zeroshot/top1", "zeroshot/top5")})

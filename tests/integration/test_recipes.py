@@ -27,8 +27,7 @@ SYNTHETIC = ["data.n_train=32", "data.n_val=16", "data.n_test=16", *SMALL_DATA]
 TINY = {
     "shapes_tiny": [
         *SYNTHETIC,
-        "image_tower.width=32",
-        "image_tower.layers=1",
+        "image_tower.image_size=32",
         "text_tower.width=32",
         "text_tower.layers=1",
     ],
@@ -98,8 +97,7 @@ def _shapes(tmp_path: Path, *extra: str) -> list[str]:
         "data.n_test=8",
         "data.batch_size=8",
         "data.num_workers=0",
-        "image_tower.width=32",
-        "image_tower.layers=1",
+        "image_tower.image_size=32",
         "text_tower.width=32",
         "text_tower.layers=1",
         "trainer.deterministic=true",
@@ -161,14 +159,18 @@ def _run_cli(tmp_path: Path, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
+    # a tiny ViT: the demo's BatchNorm CNN normalises by each process's own batch (no SyncBatchNorm), so its
+    # gradients depend on the per-process batch by design; the loss and its exchange are what is checked here
+    vit = ["image_tower=vit_tiny", "image_tower.width=32", "image_tower.layers=1", "image_tower.image_size=32"]
     ddp = _run_cli(
         tmp_path / "ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.strategy=ddp",
         "data.batch_size=8",
+        *vit,
     )
-    one = _run_cli(tmp_path / "one", "data.batch_size=16")
+    one = _run_cli(tmp_path / "one", "data.batch_size=16", *vit)
     assert sorted(ddp["keys"]) == sorted(one["keys"]) and len(one["keys"]) == 16
     torch.testing.assert_close(ddp["loss"], one["loss"], rtol=1e-5, atol=1e-6)
     assert ddp["grads"].keys() == one["grads"].keys()

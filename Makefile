@@ -29,6 +29,8 @@ bench: install
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_lit_cache.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -122,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _log_summary(task, datamodule, cfg)
     ckpt_path = cfg.get("resume")
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    _save_final_last(trainer)
     results: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("report") and trainer.is_global_zero:
         if hasattr(task, "report"):  # tasks other than the contrastive one evaluate themselves
@@ -137,6 +138,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def _save_final_last(trainer: Any) -> None:
+    """Makes ``last.ckpt`` hold the final step.
+
+    Lightning writes ``last.ckpt`` when a periodic checkpoint fires, and at the end of fit only if none ever
+    did, so a run whose last step is not a multiple of ``every_n_train_steps`` would leave it behind the
+    final weights. Called on every rank (the save is collective under FSDP; rank 0 writes).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if trainer.fast_dev_run or trainer.global_step == 0:
+        return
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+            if getattr(cb, "_last_global_step_saved", None) != trainer.global_step:
+                trainer.save_checkpoint(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+            return
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -178,6 +178,14 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
         torch.testing.assert_close(ddp["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    # 5 steps with a checkpoint every 2: Lightning alone would leave last.ckpt at step 4
+    train(compose("train", _shapes(tmp_path, "trainer.max_steps=5", "callbacks.checkpoint_steps.every_n_train_steps=2")))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5
+    assert torch.load(tmp_path / "checkpoints" / "step0000004.ckpt", weights_only=True)["global_step"] == 4
+
+
 def test_eval_recipe_on_a_training_checkpoint(tmp_path):
     from mmclip.cli.evaluate import run_eval
     from mmclip.cli.train import build_task

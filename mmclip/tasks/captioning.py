@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from mmclip.data.batch import ImageTextBatch
 from mmclip.models.caption_prefix import CaptionTokenizer, PrefixCaptioner, build_caption_targets
 from mmclip.tasks.optim import build_optimizer, build_scheduler
+from mmclip.tasks.throughput import Throughput
 
 __all__ = ["CaptionDataTokenizer", "CaptioningTask", "synthetic_caption_corpus", "train_caption_tokenizer"]
 
@@ -230,7 +230,7 @@ class CaptioningTask(pl.LightningModule):
         self.optimizer_spec = dict(optimizer or {})
         self.scheduler_spec = dict(scheduler or {})
         self._data_tokenizer: CaptionDataTokenizer | None = None
-        self._throughput: tuple[float, int] | None = None
+        self._throughput = Throughput()
 
     # ---- construction helpers ----------------------------------------------------------------------
     def _build_tokenizer(self, spec: str | dict[str, Any] | None, state: dict[str, Any] | None) -> Any:
@@ -327,17 +327,9 @@ class CaptioningTask(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: ImageTextBatch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._throughput is None:
-            self._throughput = (now, 0)
-            return
-        start, seen = self._throughput
-        seen += len(batch) * self.trainer.world_size
-        if now - start >= 5.0:  # averaged over a window of at least five seconds
-            self.log("train/samples_per_sec", seen / (now - start), rank_zero_only=True)
-            self._throughput = (now, 0)
-        else:
-            self._throughput = (start, seen)
+        rate = self._throughput.update(len(batch) * self.trainer.world_size)  # over windows of >= 5 s
+        if rate is not None:
+            self.log("train/samples_per_sec", rate, rank_zero_only=True)
 
     def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> None:
         if not batch.captions or len(batch) == 0:

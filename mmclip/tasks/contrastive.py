@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +15,7 @@ from mmclip.models.dual_encoder import DualEncoder
 from mmclip.models.factory import _merge, get_model_config
 from mmclip.registry import LOSSES
 from mmclip.tasks.optim import build_optimizer, build_scheduler
+from mmclip.tasks.throughput import Throughput
 from mmclip.tokenizers import get_tokenizer
 
 __all__ = ["ContrastiveTask", "build_model_config"]
@@ -128,7 +128,7 @@ class ContrastiveTask(pl.LightningModule):
                 raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
             self.automatic_optimization = False
         self._tokenizer = None
-        self._throughput: tuple[float, int] | None = None
+        self._throughput = Throughput()
 
     # ---- pieces the rest of the system asks for ----------------------------------------------------
     @property
@@ -214,17 +214,9 @@ class ContrastiveTask(pl.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
 
     def on_train_batch_end(self, outputs: Any, batch: ImageTextBatch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._throughput is None:
-            self._throughput = (now, 0)
-            return
-        start, seen = self._throughput
-        seen += len(batch) * self.trainer.world_size
-        if now - start >= 5.0:  # averaged over a window of at least five seconds
-            self.log("train/samples_per_sec", seen / (now - start), rank_zero_only=True)
-            self._throughput = (now, 0)
-        else:
-            self._throughput = (start, seen)
+        rate = self._throughput.update(len(batch) * self.trainer.world_size)  # over windows of >= 5 s
+        if rate is not None:
+            self.log("train/samples_per_sec", rate, rank_zero_only=True)
 
     # ---- evaluation loss on the validation loader ----------------------------------------------
     def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> None:

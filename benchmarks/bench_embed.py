@@ -1,11 +1,11 @@
-"""Embedding a folder of JPEGs: ``mmclip.embed`` vs a plain open_clip loop, same weights, same run.
+"""Embedding a folder of JPEGs: ``mmclip.embedding.writer`` vs a plain open_clip loop, same weights, same run.
 
 A folder of JPEG scenes (the synthetic shapes data set rendered at 256-384 px per side, non-square,
 quality 90) is written to a temporary directory. Both sides embed every image in it, in the same order,
 with the same architecture and weights (open_clip's model converted into mmclip with
 ``convert_openclip_state_dict``) and the same batch size:
 
-* mmclip: :func:`mmclip.embed.embed_corpus` over ``ImageFolderSource`` (DataLoader workers decode and
+* mmclip: :func:`mmclip.embedding.writer.embed_corpus` over ``ImageFolderSource`` (DataLoader workers decode and
   transform, ``torch.inference_mode``, float16 store with ids parquet files written to a temporary folder);
 * open_clip: ``open_clip.create_model_and_transforms(arch, pretrained=None)`` and its ``preprocess``, then
   the loop every open_clip user writes: ``PIL.Image.open`` per file, ``preprocess``, ``torch.stack``,
@@ -44,9 +44,9 @@ import torch
 from PIL import Image
 
 import mmclip
-from mmclip.data.embed_sources import ImageFolderSource
 from mmclip.data.synthetic import SyntheticShapes, render
-from mmclip.embed import EmbeddingStore, embed_corpus
+from mmclip.embedding.sources import ImageFolderSource
+from mmclip.embedding.writer import EmbeddingStore, embed_corpus
 from mmclip.models.convert import convert_openclip_state_dict, load_checkpoint
 
 
@@ -201,7 +201,7 @@ def main() -> None:
     console.print(table)
     console.print(f"max abs difference of the embeddings (mmclip float16 store vs open_clip): {max_diff:.2e}")
     result = {
-        "benchmark": "embed a folder of JPEGs: mmclip.embed.embed_corpus vs a plain open_clip loop",
+        "benchmark": "embed a folder of JPEGs: mmclip.embedding.writer.embed_corpus vs a plain open_clip loop",
         "arch": args.arch,
         "layers": args.layers or "full",
         "images": args.n,

@@ -7,7 +7,7 @@ loaders are map-style over the same samples: same permutation per epoch, same ca
 - **in memory**: ``ContrastiveTask`` with ``lock_image``; every step renders the images, transforms them
   without augmentation (``scale=(1, 1)``, ``ratio=(1, 1)``: on the square synthetic images that is exactly
   the evaluation transform) and runs the frozen tower;
-- **cached**: the images are written once as webdataset shards and embedded once by ``mmclip.embed``
+- **cached**: the images are written once as webdataset shards and embedded once by ``mmclip.embedding.writer``
   (``embed_corpus``, evaluation transform, float16 store); the run reads the store with
   ``CachedEmbeddingDataModule`` into a ``DualEncoder`` with the ``precomputed`` image tower.
 
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from mmclip.data import CachedEmbeddingDataModule, SyntheticDataModule
-from mmclip.data.embed_sources import ShardsSource
 from mmclip.data.synthetic import write_webdataset
-from mmclip.embed import EmbeddingStore, embed_corpus
+from mmclip.embedding.sources import ShardsSource
+from mmclip.embedding.writer import EmbeddingStore, embed_corpus
 from mmclip.evaluation import eval_mode, run_retrieval
 from mmclip.tasks.contrastive import ContrastiveTask
 from mmclip.tasks.optim import build_optimizer

@@ -2,8 +2,8 @@
 
 ``embed(cfg)`` takes the composed ``recipes/embed.yaml``: it builds the model as ``mmclip eval`` does
 (:func:`mmclip.cli.evaluate.load_model`), the source from the ``source`` node, and runs
-:func:`mmclip.embed.embed_corpus` in this process, or Lightning's predict loop
-(:func:`mmclip.tasks.embedding.embed_corpus_lightning`) for several devices or nodes. The store's
+:func:`mmclip.embedding.writer.embed_corpus` in this process, or Lightning's predict loop
+(:func:`mmclip.embedding.predict.embed_corpus_lightning`) for several devices or nodes. The store's
 ``meta.json`` records the recipe's model nodes and checkpoint (:func:`model_spec`), from which
 ``mmclip search`` rebuilds the model (:func:`model_from_spec`).
 """
@@ -81,8 +81,8 @@ def _device(accelerator: str) -> torch.device:
 
 def embed(cfg: DictConfig) -> Any:
     """Runs the embedding ``recipes/embed.yaml`` describes; returns this process's ``EmbedResult``."""
-    from mmclip.data.embed_sources import build_source
-    from mmclip.embed import embed_corpus
+    from mmclip.embedding.sources import build_source
+    from mmclip.embedding.writer import embed_corpus
 
     torch.manual_seed(int(cfg.seed))  # every rank draws the same random weights when there is no checkpoint
     spec = model_spec(cfg)
@@ -104,7 +104,7 @@ def embed(cfg: DictConfig) -> Any:
         "embedding %d samples of %s (%s) into %s", len(source), source.spec()["path"], source.kind, cfg.out
     )
     if use_lightning:
-        from mmclip.tasks.embedding import embed_corpus_lightning
+        from mmclip.embedding.predict import embed_corpus_lightning
 
         return embed_corpus_lightning(
             model,

@@ -43,7 +43,7 @@ def _queries(args: argparse.Namespace, store) -> tuple[list[str], np.ndarray]:
         q /= np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12)
         return [f"{args.embedding}[{i}]" for i in range(len(q))], q
     from mmclip.cli.embed import model_from_spec
-    from mmclip.search import embed_query
+    from mmclip.embedding.search import embed_query
 
     model, tokenizer = model_from_spec(store.meta["model"])
     model = model.to(args.device)
@@ -53,7 +53,7 @@ def _queries(args: argparse.Namespace, store) -> tuple[list[str], np.ndarray]:
 
 
 def _index(store):
-    from mmclip.search import build_faiss_index, load_faiss_index, save_faiss_index
+    from mmclip.embedding.search import build_faiss_index, load_faiss_index, save_faiss_index
 
     path = Path(store.path) / "faiss.index"
     if path.exists() and path.stat().st_mtime >= max(
@@ -68,8 +68,8 @@ def _index(store):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from mmclip.data.quality import SkipSample
-    from mmclip.embed import EmbeddingStore
-    from mmclip.search import DEFAULT_CHUNK_SIZE, search
+    from mmclip.embedding.search import DEFAULT_CHUNK_SIZE, search
+    from mmclip.embedding.writer import EmbeddingStore
 
     store = EmbeddingStore(args.store)
     if not store.complete:

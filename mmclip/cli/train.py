@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(task, "report"):  # tasks other than the contrastive one evaluate themselves
             report = task.report(datamodule, run_dir / "report")
         else:
-            from mmclip.report import write_report
+            from mmclip.evaluation.report import write_report
 
             report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg)
         results.update(report["metrics"])

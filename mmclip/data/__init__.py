@@ -26,8 +26,6 @@ from mmclip.data.quality import (
 from mmclip.data.transforms import ImageTransform, image_transform, random_resized_crop_params
 
 _LAZY = {
-    "CachedEmbeddingDataModule": "mmclip.data.cached",
-    "EmbeddingSource": "mmclip.data.cached",
     "ImageTextDataModule": "mmclip.data.base",
     "MapLoader": "mmclip.data.loader",
     "ResumableLoader": "mmclip.data.loader",

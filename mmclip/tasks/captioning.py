@@ -381,12 +381,12 @@ class CaptioningTask(pl.LightningModule):
     def report(self, datamodule: Any, out_dir: str | Path) -> dict[str, Any]:
         """Captions held-out test images greedily and scores them; writes ``metrics.json`` and ``samples.jsonl``.
 
-        See :func:`mmclip.tasks.caption_report.caption_report` for the metrics and the check.
+        See :func:`mmclip.evaluation.caption_report.caption_report` for the metrics and the check.
 
         Returns:
             ``{"metrics", "checks" ({metric: (value, target, ok)}), "passed", "dir"}``.
         """
-        from mmclip.tasks.caption_report import caption_report
+        from mmclip.evaluation.caption_report import caption_report
 
         return caption_report(self, datamodule, Path(out_dir), **dict(self.hparams.evaluation or {}))
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mmclip.cli.train import compose, train
-from mmclip.report import DEMO_THRESHOLDS
+from mmclip.evaluation.report import DEMO_THRESHOLDS
 
 
 @pytest.mark.slow

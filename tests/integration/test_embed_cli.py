@@ -20,8 +20,8 @@ from mmclip.cli.embed import main as embed_main
 from mmclip.cli.search import main as search_main
 from mmclip.cli.train import compose
 from mmclip.data.synthetic import SyntheticShapes
-from mmclip.embed import EmbeddingStore, write_embeddings
-from mmclip.search import faiss_available
+from mmclip.embedding.search import faiss_available
+from mmclip.embedding.writer import EmbeddingStore, write_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
 N = 22

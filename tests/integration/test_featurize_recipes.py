@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 
 from mmclip.cli.train import compose, train
-from mmclip.data.embedding_store import write_embeddings
 from mmclip.data.synthetic import SyntheticShapes
+from mmclip.embedding.store import write_embeddings
 from mmclip.tasks.featurizer import FeaturizerTask
 
 TINY_TOWER = ["image_tower.width=32", "image_tower.layers=1", "image_tower.heads=2"]

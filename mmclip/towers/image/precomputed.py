@@ -3,7 +3,7 @@
 With ``DualEncoder(image_tower={"name": "precomputed", "dim": D}, image_proj="none", embed_dim=D, ...)``
 the image side of the dual encoder is the identity followed by the dual encoder's L2 normalisation, so
 only the text side trains. Feed it the rows of an embedding store (``mmclip embed``; read by
-:class:`mmclip.data.cached.CachedEmbeddingDataModule`): the frozen image tower then costs nothing per step.
+:class:`mmclip.embedding.cached.CachedEmbeddingDataModule`): the frozen image tower then costs nothing per step.
 
 It has no parameters: ``lock`` and ``set_grad_checkpointing`` do nothing, and its ``data_config`` is a
 placeholder (its inputs are not images; the cached data module ignores it).
@@ -43,7 +43,7 @@ class PrecomputedTower(BaseTower):
             raise ValueError(
                 f"the precomputed image tower takes (B, {self.output_dim}) embeddings, got shape "
                 f"{tuple(x.shape)}; feed it an embedding store through "
-                "mmclip.data.cached.CachedEmbeddingDataModule, not images"
+                "mmclip.embedding.cached.CachedEmbeddingDataModule, not images"
             )
         return TowerOutput(pooled=x)  # (B, D)
 

@@ -95,7 +95,7 @@ def test_results_table() -> None:
 
 
 def test_similarities_stay_full_precision_under_autocast() -> None:
-    from mmclip.callbacks.evaluation import _amp_dtype
+    from mmclip.evaluation.callbacks import _amp_dtype
     from mmclip.metrics import RetrievalMetric, zeroshot_logits
 
     g = torch.Generator().manual_seed(0)

@@ -1,15 +1,15 @@
 """Embed a corpus with a DualEncoder into an embedding store, resumably.
 
 The store format (``meta.json``, ``emb-{i:05d}.npy``, ``ids-{i:05d}.parquet``) and its reader
-:class:`EmbeddingStore` live in :mod:`mmclip.data.embedding_store` (re-exported here). Store shard ``i``
+:class:`EmbeddingStore` live in :mod:`mmclip.embedding.store` (re-exported here). Store shard ``i``
 holds source positions ``[i * S, min((i + 1) * S, N))``, so shards are independent units of work:
 
 * :func:`embed_corpus` runs in this process (any device): ``meta.json`` is written (or checked, on a
   resumed run), the shards without an ids file are read by DataLoader workers (whole shards per worker,
-  :class:`mmclip.data.embed_sources.EmbedDataset`), embedded in batches under ``torch.inference_mode``
+  :class:`mmclip.embedding.sources.EmbedDataset`), embedded in batches under ``torch.inference_mode``
   (optional bf16 / fp16 autocast and channels-last), and each shard is written by :class:`StoreWriter`
   when its last batch is through;
-* ``mmclip.tasks.embedding.embed_corpus_lightning`` runs the same pieces in Lightning's predict loop on
+* ``mmclip.embedding.predict.embed_corpus_lightning`` runs the same pieces in Lightning's predict loop on
   several devices or nodes (rank ``r`` of ``W`` takes the shards ``i % W == r``).
 
 Both write byte-identical stores, and a run killed at any point and started again with the same
@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmclip.data.embed_sources import EmbedBatch, EmbedDataset, EmbedSource, make_loader
-from mmclip.data.embedding_store import (
+from mmclip.data.quality import DEFAULT_MAX_PIXELS
+from mmclip.embedding.sources import EmbedBatch, EmbedDataset, EmbedSource, make_loader
+from mmclip.embedding.store import (
     FORMAT,
     EmbeddingStore,
     StoreMismatchError,
@@ -47,7 +48,6 @@ from mmclip.data.embedding_store import (
     write_embeddings,
     write_shard,
 )
-from mmclip.data.quality import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "FORMAT",
@@ -302,7 +302,7 @@ def embed_corpus(
     Args:
         model: a ``DualEncoder`` (``encode_image`` / ``encode_text``, ``data_config``, ``embed_dim``).
         tokenizer: ``list[str] -> LongTensor (T, L)`` (text sources).
-        source: the corpus (``mmclip.data.embed_sources.build_source``).
+        source: the corpus (``mmclip.embedding.sources.build_source``).
         out: the store folder.
         batch_size: samples per forward pass.
         num_workers: DataLoader worker processes decoding images (0: in this process).

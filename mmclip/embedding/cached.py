@@ -45,7 +45,7 @@ class EmbeddingSource:
     ``get(i).image`` is the i-th embedding row (float16 numpy (D,), memory-mapped), ``captions`` the
     sample's captions (the ``captions`` column, else ``[caption]``), ``key`` its ``id`` and ``label`` its
     ``label`` (None without that column). Samples are in shard order (the source's order, skipped
-    samples absent). The files are read with :class:`mmclip.data.embedding_store.EmbeddingStore`.
+    samples absent). The files are read with :class:`mmclip.embedding.store.EmbeddingStore`.
 
     Args:
         path: the store folder.
@@ -59,7 +59,7 @@ class EmbeddingSource:
     def __init__(self, path: str | Path) -> None:
         import pyarrow as pa
 
-        from mmclip.data.embedding_store import EmbeddingStore
+        from mmclip.embedding.store import EmbeddingStore
 
         self.path = Path(path)
         store = EmbeddingStore(self.path)  # checks the format and version

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmclip.embed import EmbeddingStore, write_embeddings
-from mmclip.search import SearchHit, build_faiss_index, exact_topk, faiss_available, search
+from mmclip.embedding.search import SearchHit, build_faiss_index, exact_topk, faiss_available, search
+from mmclip.embedding.writer import EmbeddingStore, write_embeddings
 
 N, D, SHARD = 1037, 16, 100
 

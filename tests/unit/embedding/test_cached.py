@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmclip.data.cached import CachedEmbeddingDataModule, EmbeddingSource
-from mmclip.data.embedding_store import write_embeddings
 from mmclip.data.synthetic import SyntheticShapes
 from mmclip.data.synthetic_module import SyntheticDataModule
+from mmclip.embedding.cached import CachedEmbeddingDataModule, EmbeddingSource
+from mmclip.embedding.store import write_embeddings
 from mmclip.towers.base import DataConfig
 from mmclip.towers.image.precomputed import PrecomputedTower
 
@@ -21,7 +21,7 @@ N, D = 30, 8
 
 
 def write_store(out, embeddings, ids, captions=None, labels=None, shard_size=4, modality="image"):
-    """A store as `mmclip embed` writes it (``mmclip.data.embedding_store.write_embeddings``)."""
+    """A store as `mmclip embed` writes it (``mmclip.embedding.store.write_embeddings``)."""
     write_embeddings(
         out, embeddings, list(ids), captions=captions, labels=labels, shard_size=shard_size, modality=modality
     )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmclip.embed import EmbeddingStore, embed_inputs
+from mmclip.embedding.writer import EmbeddingStore, embed_inputs
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

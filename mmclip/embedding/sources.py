@@ -3,7 +3,7 @@
 A source is a sequence of ``N`` samples with stable positions ``0 .. N-1``: an image folder (files found
 recursively, sorted by relative path), webdataset shards (tar order, shard after shard), a Hugging Face
 dataset written with ``save_to_disk`` (row order) or a text file (one text per line). Output shard ``i``
-of an embedding store holds positions ``[i * S, min((i + 1) * S, N))`` (see :mod:`mmclip.embed`), so
+of an embedding store holds positions ``[i * S, min((i + 1) * S, N))`` (see :mod:`mmclip.embedding.writer`), so
 any shard can be recomputed alone, on any rank, in any order, with the same batches.
 
 :class:`EmbedDataset` reads a list of output shards in a DataLoader's workers (whole shards per worker)

@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from mmclip.evaluation import default_class_subsets, run_linear_probe, run_retrieval, run_zeroshot
+from mmclip.evaluation.core import default_class_subsets, run_linear_probe, run_retrieval, run_zeroshot
 from mmclip.metrics.linear_probe import DEFAULT_L2_GRID
 from mmclip.metrics.retrieval import DEFAULT_CHUNK_SIZE, DEFAULT_KS
 from mmclip.metrics.zeroshot import Template

@@ -152,7 +152,7 @@ def write_report(
     Returns:
         ``{"metrics", "passed", "checks" ({metric: (value, target, ok)}), "dir"}``.
     """
-    from mmclip.evaluation import evaluate
+    from mmclip.evaluation.core import evaluate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from mmclip.callbacks import LinearProbeEval, RetrievalEval, ZeroShotEval
-from mmclip.evaluation import evaluate
+from mmclip.evaluation import LinearProbeEval, RetrievalEval, ZeroShotEval, evaluate
 
 from ..metrics.fakes import FakeDataModule, fake_model
 from ..metrics.fakes import standard_datamodule as _plain_datamodule

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import mmclip
-from mmclip.data.embed_sources import build_source
 from mmclip.data.synthetic import SyntheticShapes, write_hf, write_webdataset
 from mmclip.data.transforms import image_transform
-from mmclip.embed import EmbeddingStore, StoreMismatchError, embed_corpus
+from mmclip.embedding.sources import build_source
+from mmclip.embedding.writer import EmbeddingStore, StoreMismatchError, embed_corpus
 
 FP16_ATOL = 1e-3  # unit vectors stored as float16: rounding <= 2^-11 per entry, plus fp32 noise
 N_IMAGES = 23
@@ -177,7 +177,7 @@ def test_resume_with_other_settings_is_a_clear_error(model, tokenizer, folder, t
 
 
 def test_lightning_predict_loop_writes_the_same_bytes(model, tokenizer, folder, tmp_path):
-    from mmclip.tasks.embedding import embed_corpus_lightning
+    from mmclip.embedding.predict import embed_corpus_lightning
 
     _embed(model, tokenizer, "images", folder, tmp_path / "plain")
     result = embed_corpus_lightning(

@@ -3,7 +3,7 @@
 :func:`evaluate` is the plain entry point (no Trainer; used by ``mmclip eval`` and the demo). The
 ``run_*`` functions do one task each on one process's shard of the data; inside a
 ``torch.distributed`` process group every process calls them with its own shard and gets the same
-result as one process on all the data (the eval callbacks in ``mmclip.callbacks.evaluation`` use them
+result as one process on all the data (the eval callbacks in ``mmclip.evaluation.callbacks`` use them
 that way).
 
 Samples are identified across processes by a 63-bit hash of their ``ImageTextBatch.keys``

@@ -1,6 +1,6 @@
 """The embedding store format: a folder of float16 embedding shards with parquet id tables.
 
-A store is a folder ``OUT`` (written by ``mmclip embed``, see :mod:`mmclip.embed`):
+A store is a folder ``OUT`` (written by ``mmclip embed``, see :mod:`mmclip.embedding.writer`):
 
 * ``meta.json``: ``{"format": "mmclip-embeddings", "version": 1, "modality": "image" | "text", "dim": D,
   "dtype": "float16", "normalized": true, "shard_size": S, "num_samples": N, "num_shards": K,

@@ -1,9 +1,9 @@
 """Embedding a corpus on several devices or nodes: Lightning's predict loop over store shards.
 
 :class:`EmbeddingPredictor` builds this rank's data loader (the store shards ``i % world_size == rank``
-not written yet, see :func:`mmclip.embed.plan_embedding`) and embeds batches in ``predict_step``;
+not written yet, see :func:`mmclip.embedding.writer.plan_embedding`) and embeds batches in ``predict_step``;
 :class:`StoreWriterCallback` writes each shard when its last batch is through. The result is
-byte-identical to :func:`mmclip.embed.embed_corpus` (one process) on the same model and arguments.
+byte-identical to :func:`mmclip.embedding.writer.embed_corpus` (one process) on the same model and arguments.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 
-from mmclip.data.embed_sources import EmbedBatch, EmbedSource
-from mmclip.data.embedding_store import canonical_precision
 from mmclip.data.quality import DEFAULT_MAX_PIXELS
-from mmclip.embed import (
+from mmclip.embedding.sources import EmbedBatch, EmbedSource
+from mmclip.embedding.store import canonical_precision
+from mmclip.embedding.writer import (
     EmbedPlan,
     EmbedResult,
     StoreWriter,
@@ -49,7 +49,7 @@ class EmbeddingPredictor(pl.LightningModule):
         source: the corpus.
         out: the store folder.
         batch_size, shard_size, num_workers, precision, model_spec, max_pixels: see
-            :func:`mmclip.embed.embed_corpus`.
+            :func:`mmclip.embedding.writer.embed_corpus`.
         channels_last: run image convolutions channels-last.
     """
 
@@ -109,7 +109,7 @@ class EmbeddingPredictor(pl.LightningModule):
 
 
 class StoreWriterCallback(BasePredictionWriter):
-    """Hands every predicted batch to a :class:`mmclip.embed.StoreWriter`; a progress bar on rank 0."""
+    """Hands every predicted batch to a :class:`mmclip.embedding.writer.StoreWriter`; a progress bar on rank 0."""
 
     def __init__(self, progress: bool = True):
         super().__init__(write_interval="batch")
@@ -173,7 +173,7 @@ def embed_corpus_lightning(
     model_spec: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EmbedResult:
-    """:func:`mmclip.embed.embed_corpus` on ``devices`` x ``num_nodes`` processes (Lightning's predict loop).
+    """:func:`mmclip.embedding.writer.embed_corpus` on ``devices`` x ``num_nodes`` processes (Lightning's predict loop).
 
     With a subprocess-launching strategy (``ddp``) every rank runs the calling script again: call this from
     an entry point that builds the same model on every rank (``mmclip embed`` does). Returns this process's

@@ -14,14 +14,18 @@ from mmclip.models import (
     build_caption_targets,
     count_parameters,
     create_model,
+    create_model_and_transforms,
+    from_pretrained,
     get_model_config,
+    get_tokenizer,
     list_models,
+    register_model_config,
 )
 from mmclip.models.convert import CheckpointError
-from mmclip.models.hf_interop import export_hf, from_pretrained, to_hf_clip
+from mmclip.models.convert.hf import export_hf, to_hf_clip
 from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, LOSSES, POOLERS, TEXT_TOWERS, Registry
-from mmclip.tokenizers import ClipTokenizer, HFTokenizer, get_tokenizer, train_bpe_tokenizer
+from mmclip.tokenizers import ClipTokenizer, HFTokenizer, train_bpe_tokenizer
 
 __version__ = "0.1.0"
 
@@ -53,6 +57,8 @@ __all__ = [
     "to_hf_clip",
     "train_bpe_tokenizer",
     "create_model",
+    "create_model_and_transforms",
+    "register_model_config",
     "get_model_config",
     "get_tokenizer",
     "list_models",

@@ -63,6 +63,9 @@ _BPE_CACHE_SIZE = 200_000
 # CLIP's word classes for trained tokenizers, each word keeping the space before it (GPT-2 style).
 _TRAIN_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+"""
 _CLEAN_MODES = ("none", "whitespace", "lower")
+#: the copy of CLIP's merges file shipped in the wheel (OpenAI's MIT licence beside it)
+SHIPPED_CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", _CLIP_BPE_FILENAME)
+
 _INSTALL_HINT = (
     "pass bpe_path=... (the gzip'd merges file bpe_simple_vocab_16e6.txt.gz), set the environment "
     f"variable {CLIP_BPE_ENV_VAR} to its location, or `pip install open_clip_torch` (which carries it)"
@@ -129,8 +132,8 @@ def _as_text_list(texts: str | Sequence[str]) -> list[str]:
 def find_clip_bpe_vocab() -> str | None:
     """Locate OpenAI CLIP's merges file ``bpe_simple_vocab_16e6.txt.gz``.
 
-    Looks at the environment variable ``MMCLIP_CLIP_BPE`` first, then next to the ``__init__.py`` of an
-    installed ``open_clip`` package (found without importing it).
+    Looks at the environment variable ``MMCLIP_CLIP_BPE`` first, then at the copy mmclip ships
+    (``mmclip/assets``, under OpenAI's MIT licence), then next to an installed ``open_clip`` package.
 
     Returns:
         The path of the file, or ``None`` when it cannot be found.
@@ -145,6 +148,8 @@ def find_clip_bpe_vocab() -> str | None:
                 f"{CLIP_BPE_ENV_VAR}={env_path!r} is not a file: point it at {_CLIP_BPE_FILENAME} or unset it"
             )
         return env_path
+    if os.path.isfile(SHIPPED_CLIP_BPE):
+        return SHIPPED_CLIP_BPE
     try:
         spec = importlib.util.find_spec("open_clip")
     except (ImportError, ValueError):
@@ -246,6 +251,27 @@ class ClipTokenizer:
         self._byte_decoder = {ch: b for b, ch in self._byte_encoder.items()}
         self._cache: dict[str, list[int]] = {}
         self._context_length = _check_context_length(context_length)
+
+    def save_hf(self, directory: str | os.PathLike[str]) -> list[str]:
+        """Writes this vocabulary as a Hugging Face CLIP tokenizer (vocab.json, merges.txt, tokenizer config).
+
+        ``transformers.CLIPTokenizer`` / ``CLIPProcessor.from_pretrained(directory)`` then give this
+        tokenizer's ids, padded with 0 (``"!"``) as mmclip and OpenCLIP pad. Returns the files written.
+        """
+        from transformers import CLIPTokenizer
+
+        os.makedirs(directory, exist_ok=True)
+        vocab_file = os.path.join(directory, "vocab.json")
+        merges_file = os.path.join(directory, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump(self._encoder, f, ensure_ascii=False)
+        ranked = sorted(self._bpe_ranks, key=self._bpe_ranks.__getitem__)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranked))
+        hf = CLIPTokenizer(
+            vocab_file, merges_file, pad_token=self._decoder[self.pad_token_id], model_max_length=self._context_length
+        )
+        return list(hf.save_pretrained(os.fspath(directory)))
 
     @property
     def vocab_size(self) -> int:

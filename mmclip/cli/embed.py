@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmclip.cli.train import RECIPES_DIR, _plain
+from mmclip.cli.recipe import RECIPES_DIR, plain
 
 __all__ = ["embed", "main", "model_from_spec", "model_spec"]
 
@@ -28,14 +28,15 @@ def model_spec(cfg: DictConfig) -> dict[str, Any]:
     """The plain spec in ``meta.json`` that rebuilds the recipe's model: its model / tower nodes, the
     checkpoint (an absolute path) and the seed random weights come from."""
     checkpoint = cfg.get("checkpoint")
-    if checkpoint:
+    if checkpoint and Path(str(checkpoint)).expanduser().exists():  # a local path (not a hub id): absolute
         checkpoint = str(Path(str(checkpoint)).expanduser().resolve())
     return {
-        "model": _plain(cfg.model),
-        "image_tower": _plain(cfg.get("image_tower")),
-        "text_tower": _plain(cfg.get("text_tower")),
+        "model": plain(cfg.model),
+        "image_tower": plain(cfg.get("image_tower")),
+        "text_tower": plain(cfg.get("text_tower")),
         "checkpoint": checkpoint,
         "seed": int(cfg.get("seed", 0)),
+        "imports": plain(cfg.get("imports")) or [],
     }
 
 
@@ -59,15 +60,10 @@ def model_from_spec(spec: dict[str, Any]) -> tuple[Any, Any]:
             "image_tower": spec.get("image_tower"),
             "text_tower": spec.get("text_tower"),
             "checkpoint": spec.get("checkpoint"),
-            "task": {},
-            "loss": {"name": "clip"},
-            "optimizer": {},
-            "scheduler": {},
+            "imports": spec.get("imports") or [],
         }
     )
-    torch.manual_seed(
-        int(spec.get("seed", 0))
-    )  # random weights (no checkpoint) as the embedding run drew them
+    torch.manual_seed(int(spec.get("seed", 0)))  # random weights (no checkpoint) as the embedding run drew them
     return load_model(cfg)
 
 
@@ -87,7 +83,7 @@ def embed(cfg: DictConfig) -> Any:
     torch.manual_seed(int(cfg.seed))  # every rank draws the same random weights when there is no checkpoint
     spec = model_spec(cfg)
     model, tokenizer = model_from_spec(spec)
-    source = build_source(**_plain(cfg.source))
+    source = build_source(**plain(cfg.source))
     common = dict(
         batch_size=int(cfg.batch_size),
         num_workers=int(cfg.num_workers),

@@ -1,4 +1,5 @@
-"""``mmclip eval``: evaluates a model (named config + checkpoint, or a training checkpoint) on data sets."""
+"""``mmclip eval``: evaluates any model source (a named model + weights file, a directory, hub id or
+training checkpoint) on data sets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from mmclip.cli.train import RECIPES_DIR, _plain
+from mmclip.cli.recipe import RECIPES_DIR, import_user_modules, model_from_recipe, plain
 
 __all__ = ["load_model", "run_eval"]
 
@@ -17,26 +18,9 @@ log = logging.getLogger("mmclip")
 
 
 def load_model(cfg: DictConfig) -> tuple[Any, Any]:
-    """The DualEncoder and tokenizer an eval recipe names.
-
-    ``checkpoint`` may be a Lightning training checkpoint (``.ckpt``, loaded weights-only, which also
-    rebuilds the architecture), an OpenAI / OpenCLIP weights file or an mmclip / HF directory (loaded into the
-    ``model`` / tower groups' architecture), or null for random weights.
-    """
-    from mmclip.tasks.contrastive import ContrastiveTask
-
-    checkpoint = cfg.get("checkpoint")
-    if checkpoint and str(checkpoint).endswith(".ckpt"):
-        task = ContrastiveTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    else:
-        from mmclip.cli.train import build_task
-
-        task = build_task(cfg)
-        if checkpoint:
-            from mmclip.models.convert import load_pretrained_into
-
-            load_pretrained_into(task.model, checkpoint)
-    return task.model, task.tokenizer
+    """The ``(DualEncoder, tokenizer)`` an eval / embed recipe names (see ``model_from_recipe``)."""
+    import_user_modules(cfg)
+    return model_from_recipe(cfg)
 
 
 def run_eval(cfg: DictConfig) -> dict[str, float]:
@@ -51,7 +35,7 @@ def run_eval(cfg: DictConfig) -> dict[str, float]:
     metrics = evaluate(model, tokenizer, datamodule, tasks=tuple(cfg.tasks), device=cfg.device)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"metrics": metrics, "config": _plain(cfg)}, indent=2, default=str))
+    out.write_text(json.dumps({"metrics": metrics, "config": plain(cfg)}, indent=2, default=str))
     log.info("metrics written to %s", out)
     return metrics
 

@@ -1,75 +1,54 @@
 """``mmclip train``: a thin hydra wrapper around the plain :func:`train` function.
 
-``train(cfg)`` takes a composed config (``recipes/train.yaml`` and its groups), builds the
-:class:`~mmclip.tasks.ContrastiveTask`, the data module, callbacks and loggers, runs ``Trainer.fit`` and,
-when ``report`` is set, evaluates and writes the report folder.
+``train(cfg)`` takes a composed root recipe (``train``, ``featurize``, ``caption``, ...), imports the
+recipe's ``imports``, instantiates every ``_target_`` node (the task, the data module, callbacks, loggers,
+the trainer's strategy), runs ``Trainer.fit`` and, when ``report`` is set, writes the report folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RECIPES_DIR", "build_task", "compose", "train"]
+from mmclip.cli.recipe import RECIPES_DIR, compose, import_user_modules, plain
+
+__all__ = ["RECIPES_DIR", "build_task", "build_trainer", "compose", "train"]
 
 log = logging.getLogger("mmclip")
 
-RECIPES_DIR = Path(os.environ.get("MMCLIP_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
-
-
-def _plain(node: Any) -> Any:
-    """A plain Python container (no OmegaConf nodes cross into the library or a checkpoint)."""
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-    """Composes a recipe with hydra overrides, outside ``@hydra.main`` (tests, notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    if not RECIPES_DIR.is_dir():
-        raise FileNotFoundError(
-            f"recipes folder {RECIPES_DIR} not found: set MMCLIP_RECIPES to the repository's recipes/ folder"
-        )
-    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-        return hydra_compose(
-            config_name=config_name, overrides=list(overrides or []), return_hydra_config=False
-        )
+_plain = plain  # the name the other commands import
 
 
 def build_task(cfg: DictConfig) -> Any:
-    """The LightningModule a recipe describes.
+    """The LightningModule a root recipe's ``task`` node (``_target_``) describes, with plain arguments."""
+    from hydra.utils import instantiate
 
-    A ``task`` node with ``_target_`` (root recipes such as ``featurize.yaml`` and ``caption.yaml``) is
-    instantiated as it stands, with plain containers for its arguments; otherwise (``train.yaml``) the
-    :class:`~mmclip.tasks.ContrastiveTask` is built from the model, tower, loss, optimizer and scheduler groups.
+    import_user_modules(cfg)
+    return instantiate(cfg.task, _convert_="all")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any] | None = None, loggers: list[Any] | None = None) -> Any:
+    """``pl.Trainer`` from the recipe's ``trainer`` node, every ``_target_`` in it (the strategy) instantiated.
+
+    Raises:
+        RuntimeError: a sharded (FSDP) strategy without CUDA GPUs.
     """
-    from mmclip.tasks.contrastive import ContrastiveTask
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
 
-    if cfg.get("task") is not None and "_target_" in cfg.task:
-        from hydra.utils import instantiate
-
-        return instantiate(cfg.task, _convert_="all")
-    model = _plain(cfg.model)
-    return ContrastiveTask(
-        model=model.get("name"),
-        image_tower=_plain(cfg.get("image_tower")),
-        text_tower=_plain(cfg.get("text_tower")),
-        model_kwargs=model.get("kwargs") or {},
-        tokenizer=model.get("tokenizer", "clip"),
-        context_length=model.get("context_length"),
-        loss=_plain(cfg.loss),
-        optimizer=_plain(cfg.optimizer),
-        scheduler=_plain(cfg.scheduler),
-        **_plain(cfg.task),
-    )
+    kwargs = instantiate(cfg.trainer, _convert_="all")
+    strategy = kwargs.get("strategy")
+    if type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy") and not torch.cuda.is_available():
+        raise RuntimeError(
+            "trainer=fsdp shards the model over CUDA GPUs (NCCL), and this machine has none: use "
+            "trainer=cpu here, or trainer=ddp for data parallel on several processes"
+        )
+    return pl.Trainer(**kwargs, callbacks=callbacks or [], logger=loggers or False)
 
 
 def _instantiate_all(node: Any) -> list[Any]:
@@ -103,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     _route_lightning_logs()
+    import_user_modules(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.configure(data_config=task.data_config, tokenizer=task.tokenizer)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer = pl.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         if hasattr(task, "report"):
@@ -119,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("task: %s (%.2fM trainable parameters)", type(task).__name__, trainable / 1e6)
             log.info("data: %s", datamodule.describe())
         else:
-            _log_summary(task, datamodule, cfg)
+            _log_summary(task, datamodule)
     ckpt_path = cfg.get("resume")
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     _save_final_last(trainer)
@@ -130,7 +110,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:
             from mmclip.evaluation.report import write_report
 
-            report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg)
+            thresholds = plain(cfg.get("thresholds")) or {}
+            report = write_report(task, datamodule, run_dir / "report", loggers=loggers, cfg=cfg, thresholds=thresholds)
         results.update(report["metrics"])
         results["report_dir"] = report["dir"]
         results["report_passed"] = report["passed"]
@@ -171,7 +152,7 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(f"report: {report['dir']}/summary.md")
 
 
-def _log_summary(task: Any, datamodule: Any, cfg: DictConfig) -> None:
+def _log_summary(task: Any, datamodule: Any) -> None:
     from mmclip.models.factory import count_parameters
 
     counts = count_parameters(task.model)
@@ -190,12 +171,8 @@ def _log_summary(task: Any, datamodule: Any, cfg: DictConfig) -> None:
     )
     describe = getattr(datamodule, "describe", None)
     log.info("data: %s", describe() if callable(describe) else type(datamodule).__name__)
-    log.info(
-        "loss: %s; optimizer: %s; schedule: %s",
-        _plain(cfg.loss),
-        _plain(cfg.optimizer),
-        _plain(cfg.scheduler),
-    )
+    hp = task.hparams
+    log.info("loss: %s; optimizer: %s; schedule: %s", hp.get("loss"), hp.get("optimizer"), hp.get("scheduler"))
 
 
 def main(argv: list[str] | None = None) -> int:

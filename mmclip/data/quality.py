@@ -8,7 +8,9 @@ converts what it can (see :func:`decode_image`) and skips the rest:
   reason (with its key) once per process; each batch carries the counts since the previous batch of the
   same worker in ``ImageTextBatch.skipped``.
 * Main-process side, :class:`SkipStats` sums those counts and raises :class:`DataQualityError` when the
-  skipped fraction exceeds ``max_skip_fraction``, instead of silently training on garbage.
+  skipped fraction exceeds ``max_skip_fraction``, instead of silently training on garbage. The training
+  loaders feed it themselves (:meth:`SkipStats.count`, for every batch they yield) and check the ceiling on
+  skipped work before a batch is complete, so a corpus that is all bad fails within one pass over it.
 
 Image conversions (everything ends as an 8-bit ``RGB`` image):
 
@@ -64,6 +66,8 @@ SKIP_REASONS: dict[str, str] = {
     "empty_caption": "the caption is empty or whitespace only",
     "bad_caption_encoding": "the caption is not valid UTF-8",
     "corrupt_shard": "a shard could not be opened or read to its end (its remaining samples are lost)",
+    "duplicate_key": "a shard holds a second sample with a key it already had",
+    "malformed_row": "a CSV/TSV line is not one well-formed row with the header's number of fields",
 }
 """Every reason a sample can be skipped for, with what it means."""
 
@@ -124,7 +128,8 @@ class SkipCounter:
 class SkipStats:
     """Main-process totals of skipped and used samples, with a ceiling on the skipped fraction.
 
-    The training task calls ``update(batch.skipped, len(batch))`` for every training batch.
+    The training loaders call :meth:`count` for every batch they yield; read the totals with
+    :meth:`as_dict` (``data/skipped/<reason>``, ``data/skipped``, ``data/skip_fraction``) or ``counts``.
 
     Args:
         max_skip_fraction: the largest tolerated ``skipped / (skipped + used)``; above it :meth:`update`
@@ -140,6 +145,7 @@ class SkipStats:
         self.min_samples = int(min_samples)
         self.counts: Counter[str] = Counter()
         self.n_ok = 0
+        self.fed_by_loader = False
 
     @property
     def total_skipped(self) -> int:
@@ -152,31 +158,57 @@ class SkipStats:
         seen = self.total_skipped + self.n_ok
         return self.total_skipped / seen if seen else 0.0
 
-    def update(self, skipped: Mapping[str, int], n_ok: int) -> None:
+    def count(self, skipped: Mapping[str, int], n_ok: int) -> None:
         """Add one batch's skip counts and its number of used samples, then check the ceiling.
+
+        The training loaders call this for every batch they yield (the first call makes :meth:`update` a
+        check only, so a task that still calls it does not count twice).
 
         Raises:
             DataQualityError: the skipped fraction exceeds ``max_skip_fraction`` after ``min_samples``.
         """
+        self.fed_by_loader = True
         for reason, n in skipped.items():
             if n:
                 self.counts[reason] += int(n)
         self.n_ok += int(n_ok)
         self.check()
 
-    def check(self) -> None:
-        """Raise :class:`DataQualityError` if the ceiling is exceeded (see :meth:`update`)."""
-        seen = self.total_skipped + self.n_ok
-        if seen >= self.min_samples and self.fraction > self.max_skip_fraction:
+    def update(self, skipped: Mapping[str, int], n_ok: int) -> None:
+        """Like :meth:`count`, for callers that see the batches; only checks once a loader feeds the stats."""
+        if self.fed_by_loader:
+            self.check()
+            return
+        for reason, n in skipped.items():
+            if n:
+                self.counts[reason] += int(n)
+        self.n_ok += int(n_ok)
+        self.check()
+
+    def check(self, pending: Mapping[str, int] | None = None) -> None:
+        """Raise :class:`DataQualityError` if the ceiling is exceeded, counting ``pending`` skips too (skips of
+        a batch still being filled)."""
+        extra = sum(pending.values()) if pending else 0
+        skipped = self.total_skipped + extra
+        seen = skipped + self.n_ok
+        if seen >= self.min_samples and skipped > self.max_skip_fraction * seen:
             raise DataQualityError(
-                f"{self.total_skipped} of {seen} samples ({self.fraction:.1%}) were skipped, above "
-                f"max_skip_fraction={self.max_skip_fraction:g}. By reason: {self.summary()}. Fix the data "
+                f"{skipped} of {seen} samples ({skipped / seen:.1%}) were skipped, above "
+                f"max_skip_fraction={self.max_skip_fraction:g}. By reason: {self.summary(pending)}. Fix the data "
                 "(the log names the first sample of each reason) or raise the data module's max_skip_fraction."
             )
 
-    def summary(self) -> str:
-        """``"reason: count, ..."``, largest first."""
-        return ", ".join(f"{r}: {n}" for r, n in self.counts.most_common()) or "none"
+    def nothing_usable(self, where: str, pending: Mapping[str, int] | None = None) -> DataQualityError:
+        """The error for a pass over ``where`` that yielded no usable sample at all."""
+        return DataQualityError(
+            f"no usable sample in one pass over {where}: every sample was skipped. By reason: "
+            f"{self.summary(pending)}. Fix the data (the log names the first sample of each reason)."
+        )
+
+    def summary(self, pending: Mapping[str, int] | None = None) -> str:
+        """``"reason: count, ..."``, largest first (``pending`` counts added)."""
+        counts = self.counts + Counter(pending or {})
+        return ", ".join(f"{r}: {n}" for r, n in counts.most_common()) or "none"
 
     def as_dict(self, prefix: str = "data/") -> dict[str, float]:
         """Flat metrics for a logger: ``{prefix}skipped/<reason>``, ``{prefix}skipped``, ``{prefix}skip_fraction``."""

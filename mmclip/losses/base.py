@@ -37,6 +37,9 @@ class ContrastiveLoss(nn.Module):
     """
 
     supported_exchanges: tuple[str, ...] = ()
+    #: model parameters this loss needs and their initial values when a model lacks them, e.g.
+    #: ``{"logit_bias": -10.0, "logit_scale": math.log(10)}``; the task adds them (``prepare_model``).
+    model_requirements: dict[str, float] = {}
 
     def __init__(self, exchange: str, max_logit_scale: float | None, check_inputs: bool = False) -> None:
         super().__init__()
@@ -48,6 +51,15 @@ class ContrastiveLoss(nn.Module):
         self.exchange = exchange
         self.max_logit_scale = max_logit_scale
         self.check_inputs = check_inputs
+
+    def prepare_model(self, model: nn.Module) -> list[str]:
+        """Gives ``model`` (a ``DualEncoder``) the parameters this loss needs that it lacks, initialised as
+        :attr:`model_requirements` says. Returns the names of the parameters added (empty when none)."""
+        needs = self.model_requirements
+        if "logit_bias" not in needs or getattr(model, "logit_bias", None) is not None:
+            return []
+        model.add_logit_bias(needs["logit_bias"], needs.get("logit_scale"))
+        return ["logit_bias"] + (["logit_scale"] if "logit_scale" in needs else [])
 
     def forward(self, output: DualEncoderOutput) -> dict[str, torch.Tensor]:
         return self.compute(output.image_embeds, output.text_embeds, output.logit_scale, output.logit_bias)

@@ -157,6 +157,8 @@ class SigLipLoss(ContrastiveLoss):
     """
 
     supported_exchanges = ("ring", "bidir_ring", "gather", "local")
+    # the SigLIP paper's initialisation for a model without a bias: t' = log 10, b = -10
+    model_requirements = {"logit_bias": -10.0, "logit_scale": math.log(10.0)}
 
     def __init__(
         self,
@@ -174,7 +176,10 @@ class SigLipLoss(ContrastiveLoss):
         self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         if bias is None:
-            raise ValueError("SigLipLoss needs a logit_bias: build the model with init_logit_bias (e.g. -10)")
+            raise ValueError(
+                "SigLipLoss needs a logit_bias: build the model with init_logit_bias (e.g. -10), or let the "
+                "task add it (loss.prepare_model(model))"
+            )
         b = x.shape[0]
         rank, size = world()
         if self.exchange == "gather" and size > 1:

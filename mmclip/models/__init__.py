@@ -1,8 +1,19 @@
 """Models: the dual encoder, named configs, checkpoint converters, frozen featurizers, captioning."""
 
 from mmclip.models.caption_prefix import PrefixCaptioner, build_caption_targets
+from mmclip.models.configs import get_model_config, list_models, register_model_config
 from mmclip.models.dual_encoder import DualEncoder
-from mmclip.models.factory import count_parameters, create_model, get_model_config, list_models
+from mmclip.models.factory import (
+    ResolvedModel,
+    count_parameters,
+    create_model,
+    create_model_and_transforms,
+    from_pretrained,
+    get_tokenizer,
+    load_weights,
+    merge_config,
+    resolve_model,
+)
 from mmclip.models.featurizer import Featurizer, FeaturizerOutput, FrozenWeightsError, TextFeaturizer
 
 __all__ = [
@@ -11,10 +22,18 @@ __all__ = [
     "FeaturizerOutput",
     "FrozenWeightsError",
     "PrefixCaptioner",
+    "ResolvedModel",
     "TextFeaturizer",
     "build_caption_targets",
     "count_parameters",
     "create_model",
+    "create_model_and_transforms",
+    "from_pretrained",
+    "get_tokenizer",
+    "load_weights",
+    "merge_config",
+    "register_model_config",
+    "resolve_model",
     "get_model_config",
     "list_models",
 ]

@@ -302,21 +302,12 @@ def _build_image_encoder(encoder: nn.Module | str | dict[str, Any], pretrained: 
         if pretrained is not None:
             raise ValueError("image_pretrained only applies when image_encoder is a name or a spec")
         return encoder
-    if isinstance(encoder, str):
+    if isinstance(encoder, str) or "image_tower" in encoder:  # any model source, or a DualEncoder config
         from mmclip.models.factory import create_model
 
-        return create_model(encoder, pretrained=pretrained)
+        return create_model(encoder if isinstance(encoder, str) else dict(encoder), pretrained=pretrained)
     if isinstance(encoder, dict) or hasattr(encoder, "items"):
         spec = dict(encoder)
-        if "image_tower" in spec:  # a DualEncoder config
-            from mmclip.models.dual_encoder import DualEncoder
-
-            model = DualEncoder.from_config(spec)
-            if pretrained is not None:
-                from mmclip.models.convert import load_pretrained_into
-
-                load_pretrained_into(model, pretrained)
-            return model
         if pretrained is not None:
             raise ValueError("image_pretrained needs a model name or a DualEncoder spec, not a tower spec")
         import mmclip.towers  # noqa: F401  (registers the built-in towers)

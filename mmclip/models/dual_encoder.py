@@ -99,6 +99,21 @@ class DualEncoder(nn.Module):
                 "init_logit_bias": init_logit_bias,
             }
 
+    def add_logit_bias(self, init_bias: float, init_scale: float | None = None) -> None:
+        """Adds a learnable logit bias (for sigmoid losses) to a model built without one; with ``init_scale``
+        the log-temperature is reset too. The spec in ``config`` follows, so checkpoints rebuild the model."""
+        if self.logit_bias is not None:
+            raise ValueError("the model already has a logit_bias")
+        device = self.logit_scale.device
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias), device=device))
+        if self.config is not None:
+            self.config["init_logit_bias"] = float(init_bias)
+        if init_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.fill_(float(init_scale))
+            if self.config is not None:
+                self.config["init_logit_scale"] = float(init_scale)
+
     @property
     def data_config(self) -> Any:
         """The image tower's preprocessing description."""

@@ -1,283 +1,464 @@
-"""Named model configs (OpenCLIP's names), ``create_model``, ``list_models`` and parameter counts."""
+"""The one model resolver: any model source -> a ``DualEncoder``, its weights and its tokenizer.
+
+A *model source* is any of
+
+- a named config (``"ViT-B-32"``, see ``list_models()``) or a spec dict (``{"image_tower": {...},
+  "text_tower": {...}, ...}``), optionally with ``pretrained=`` weights;
+- an mmclip directory (``save_pretrained``), a Hugging Face ``CLIPModel`` / ``SiglipModel`` directory, an
+  OpenCLIP directory (``open_clip_config.json`` + ``open_clip_model.safetensors``);
+- a Hugging Face hub id (``"openai/clip-vit-base-patch32"``) or an OpenCLIP hub repo
+  (``"hf-hub:timm/ViT-B-16-SigLIP"``), fetched through ``huggingface_hub``'s cache (offline when cached);
+- a Lightning training checkpoint (``.ckpt``) of a task that holds a dual encoder;
+- a ``DualEncoder`` instance.
+
+:func:`resolve_model` turns a source into a :class:`ResolvedModel` (architecture spec, where its weights
+are, which tokenizer it uses) without building anything; :func:`create_model` builds and loads it. Every
+entry point (tasks, ``mmclip eval | embed | search | caption``) goes through these, so every source works
+everywhere. Overrides merge into the spec by one rule (:func:`merge_config`).
+"""
 
 from __future__ import annotations
 
-import copy
-import fnmatch
+import json
 import logging
-import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmclip.models.dual_encoder import DualEncoder
+from mmclip.models.configs import MODEL_CONFIGS, MODEL_TOKENIZERS, get_model_config, list_models
+from mmclip.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder
 
 __all__ = [
-    "MODEL_CONFIGS",
-    "list_models",
-    "get_model_config",
-    "create_model",
+    "ResolvedModel",
     "count_parameters",
-    "register_model_config",
+    "create_model",
+    "create_model_and_transforms",
+    "describes_architecture",
+    "from_pretrained",
+    "get_tokenizer",
+    "load_weights",
+    "merge_config",
+    "resolve_model",
 ]
 
 logger = logging.getLogger(__name__)
 
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
+OPENCLIP_CONFIG = "open_clip_config.json"
+_OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
+CHECKPOINT_MODEL_KEY = "mmclip_model"  # what a task writes into its Lightning checkpoints to be a source
 
 
-def register_model_config(name: str, config: dict[str, Any]) -> None:
-    """Adds a named config (a ``DualEncoder`` spec). Duplicate names raise."""
-    if name in MODEL_CONFIGS:
-        raise ValueError(f"model config {name!r} already exists")
-    MODEL_CONFIGS[name] = config
+@dataclass
+class ResolvedModel:
+    """What a model source describes, before anything is built.
+
+    Attributes:
+        config: the ``DualEncoder`` spec (``DualEncoder.from_config``), overrides merged in.
+        weights: where the weights are (a path, hub id or ``hf-hub:`` repo for :func:`load_weights`), or
+            None for random init.
+        tokenizer: the tokenizer source for ``mmclip.tokenizers.get_tokenizer`` ("clip", a directory or a
+            hub id).
+        kind: "named", "spec", "mmclip", "hf", "openclip", "checkpoint" or "instance".
+        instance: the model itself, for kind "instance".
+    """
+
+    config: dict[str, Any] | None
+    weights: str | None
+    tokenizer: str
+    kind: str
+    instance: DualEncoder | None = None
 
 
-def _text(width: int, layers: int = 12, **kw: Any) -> dict[str, Any]:
-    return {"name": "clip_text", "width": width, "heads": width // 64, "layers": layers, **kw}
+def merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The one merge rule for model specs: nested dicts merge key by key, other values replace.
 
-
-def _vit(image_size: int, patch: int, width: int, layers: int, **kw: Any) -> dict[str, Any]:
-    return {
-        "name": "clip_vit",
-        "image_size": image_size,
-        "patch_size": patch,
-        "width": width,
-        "layers": layers,
-        "heads": width // 64,
-        **kw,
-    }
-
-
-def _resnet(layers: tuple[int, ...], width: int, embed: int, image_size: int) -> dict[str, Any]:
-    return {
-        "name": "clip_resnet",
-        "layers": list(layers),
-        "width": width,
-        "output_dim": embed,
-        "image_size": image_size,
-    }
-
-
-def _register_builtins() -> None:
-    # OpenAI CLIP: (image tower, text width, embed dim). Text: 12 layers, heads = width / 64.
-    vits = {
-        "ViT-B-32": (_vit(224, 32, 768, 12), 512, 512),
-        "ViT-B-16": (_vit(224, 16, 768, 12), 512, 512),
-        "ViT-L-14": (_vit(224, 14, 1024, 24), 768, 768),
-        "ViT-L-14-336": (_vit(336, 14, 1024, 24), 768, 768),
-    }
-    resnets = {
-        "RN50": (_resnet((3, 4, 6, 3), 64, 1024, 224), 512, 1024),
-        "RN101": (_resnet((3, 4, 23, 3), 64, 512, 224), 512, 512),
-        "RN50x4": (_resnet((4, 6, 10, 6), 80, 640, 288), 640, 640),
-        "RN50x16": (_resnet((6, 8, 18, 8), 96, 768, 384), 768, 768),
-        "RN50x64": (_resnet((3, 15, 36, 10), 128, 1024, 448), 1024, 1024),
-    }
-    for name, (image, text_width, embed) in {**vits, **resnets}.items():
-        proj = "none" if image["name"] == "clip_resnet" else "linear"
-        for suffix, act in (("", "gelu"), ("-quickgelu", "quick_gelu")):
-            img = dict(image, act=act) if image["name"] == "clip_vit" else dict(image)
-            register_model_config(
-                name + suffix,
-                {
-                    "image_tower": img,
-                    "text_tower": _text(text_width, act=act),
-                    "embed_dim": embed,
-                    "image_proj": proj,
-                },
-            )
-
-    siglip_text = {
-        "vocab_size": 32000,
-        "context_length": 64,
-        "causal": False,
-        "pool": "last",
-        "act": "gelu_tanh",
-        "ln_eps": 1e-6,
-        "pad_token_id": 1,
-        "eot_token_id": 1,
-    }
-    siglip_image = {
-        "class_token": False,
-        "patch_bias": True,
-        "pre_norm": False,
-        "pool": "map",
-        "act": "gelu_tanh",
-        "ln_eps": 1e-6,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "resize_mode": "squash",
-    }
-    siglip = {
-        "image_proj": "none",
-        "text_proj_bias": True,
-        "init_logit_scale": math.log(10.0),
-        "init_logit_bias": -10.0,
-    }
-    register_model_config(
-        "ViT-B-16-SigLIP",
-        {
-            "image_tower": _vit(224, 16, 768, 12, **siglip_image),
-            "text_tower": _text(768, **siglip_text),
-            "embed_dim": 768,
-            **siglip,
-        },
-    )
-    register_model_config(
-        "convnext_base",
-        {
-            "image_tower": {
-                "name": "timm",
-                "model_name": "convnext_base",
-                "image_size": 224,
-                "drop_path": 0.1,
-            },
-            "text_tower": _text(512),
-            "embed_dim": 512,
-        },
-    )
-    register_model_config(
-        "efficientnet_b3",
-        {
-            "image_tower": {"name": "timm", "model_name": "efficientnet_b3", "image_size": 288},
-            "text_tower": _text(512),
-            "embed_dim": 512,
-        },
-    )
-    register_model_config(
-        "ViT-B-32-BERT",
-        {
-            "image_tower": _vit(224, 32, 768, 12),
-            "text_tower": {"name": "hf", "config": {"model_type": "bert"}, "pool": "cls"},
-            "embed_dim": 512,
-        },
-    )
-
-    # Tiny configs for tests and the CPU demo.
-    tiny_text = _text(64, layers=2, heads=2)
-    register_model_config(
-        "tiny-vit", {"image_tower": _vit(32, 8, 64, 2, heads=2), "text_tower": tiny_text, "embed_dim": 32}
-    )
-    register_model_config(
-        "tiny-vit-quickgelu",
-        {
-            "image_tower": _vit(32, 8, 64, 2, heads=2, act="quick_gelu"),
-            "text_tower": dict(tiny_text, act="quick_gelu"),
-            "embed_dim": 32,
-        },
-    )
-    register_model_config(
-        "tiny-resnet",
-        {
-            "image_tower": _resnet((1, 1, 1, 1), 8, 32, 64),
-            "text_tower": tiny_text,
-            "embed_dim": 32,
-            "image_proj": "none",
-        },
-    )
-    register_model_config(
-        "tiny-convnext",
-        {
-            "image_tower": {"name": "timm", "model_name": "test_convnext", "image_size": 64},
-            "text_tower": tiny_text,
-            "embed_dim": 32,
-        },
-    )
-    register_model_config(
-        "tiny-efficientnet",
-        {
-            "image_tower": {"name": "timm", "model_name": "test_efficientnet", "image_size": 64},
-            "text_tower": tiny_text,
-            "embed_dim": 32,
-        },
-    )
-    register_model_config(
-        "tiny-bert",
-        {
-            "image_tower": _vit(32, 8, 64, 2, heads=2),
-            "text_tower": {
-                "name": "hf",
-                "pool": "cls",
-                "config": {
-                    "model_type": "bert",
-                    "vocab_size": 1000,
-                    "hidden_size": 64,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 2,
-                    "intermediate_size": 128,
-                    "max_position_embeddings": 77,
-                },
-            },
-            "embed_dim": 32,
-        },
-    )
-    register_model_config(
-        "tiny-siglip",
-        {
-            "image_tower": _vit(32, 8, 64, 2, heads=2, **siglip_image),
-            "text_tower": _text(64, layers=2, heads=2, **dict(siglip_text, vocab_size=1000)),
-            "embed_dim": 64,
-            **siglip,
-        },
-    )
-
-
-_register_builtins()
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """Names of the named configs matching a shell-style pattern."""
-    return sorted(n for n in MODEL_CONFIGS if fnmatch.fnmatchcase(n, pattern))
-
-
-def get_model_config(name: str) -> dict[str, Any]:
-    """A deep copy of a named config; unknown names raise a KeyError listing the known ones."""
-    if name not in MODEL_CONFIGS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(MODEL_CONFIGS), n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown model {name!r}.{hint} Known: {', '.join(list_models())}")
-    return copy.deepcopy(MODEL_CONFIGS[name])
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    A tower spec (``image_tower`` / ``text_tower``) whose ``name`` differs from the base tower's replaces it
+    whole; one without a ``name`` (or with the same name) refines it, e.g. ``image_tower={"patch_dropout": 0.5}``.
+    """
     out = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        old = out.get(key)
+        if key in ("image_tower", "text_tower") and isinstance(value, dict) and isinstance(old, dict):
+            if "name" in value and value["name"] != old.get("name"):
+                out[key] = dict(value)
+                continue
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = merge_config(old, value)
         else:
             out[key] = value
     return out
 
 
+# ---- locating a source ----------------------------------------------------------------------------------
+def _hub_snapshot(repo: str) -> Path:
+    """The local folder of a hub repo's model files (downloaded once, then read from the cache)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - a dependency of transformers
+        raise ImportError("loading from the Hugging Face hub needs huggingface_hub") from err
+    try:
+        return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated: one clear message
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (
+            "it is not in the local hub cache and HF_HUB_OFFLINE is set: download it once with network access"
+            if offline
+            else "check the repo id and your network / token"
+        )
+        raise FileNotFoundError(
+            f"cannot get the Hugging Face hub repo {repo!r} ({type(err).__name__}: {err}); {hint}, or pass a "
+            "local directory instead"
+        ) from err
+
+
+def _dir_kind(path: Path) -> str | None:
+    from mmclip.models.convert.hf import is_hf_model_dir
+
+    if (path / CONFIG_NAME).is_file():
+        return "mmclip"
+    if (path / OPENCLIP_CONFIG).is_file():
+        return "openclip"
+    if is_hf_model_dir(path):
+        return "hf"
+    return None
+
+
+def _locate(source: str | os.PathLike[str]) -> tuple[str, Path | None]:
+    """(kind, local path) of a string source; kind "named" has no path."""
+    text = os.fspath(source)
+    if text.startswith("hf-hub:"):
+        path = _hub_snapshot(text[len("hf-hub:") :])
+        if not (path / OPENCLIP_CONFIG).is_file():
+            raise FileNotFoundError(f"{text} has no {OPENCLIP_CONFIG}: 'hf-hub:' names an OpenCLIP repo")
+        return "openclip", path
+    path = Path(text).expanduser()
+    if path.is_dir():
+        kind = _dir_kind(path)
+        if kind is None:
+            raise FileNotFoundError(
+                f"{path} is not a model directory: expected {CONFIG_NAME} (mmclip save_pretrained), "
+                f"{OPENCLIP_CONFIG} (OpenCLIP) or config.json (Hugging Face CLIP / SigLIP)"
+            )
+        return kind, path
+    if path.is_file():
+        if path.suffix == ".ckpt":
+            return "checkpoint", path
+        return "file", path
+    if text in MODEL_CONFIGS:
+        return "named", None
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
+        path = _hub_snapshot(text)
+        kind = _dir_kind(path)
+        if kind is None:
+            raise FileNotFoundError(f"hub repo {text!r} holds no mmclip, OpenCLIP or Hugging Face model config")
+        return kind, path
+    import difflib
+
+    close = difflib.get_close_matches(text, list(MODEL_CONFIGS), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise KeyError(
+        f"unknown model source {text!r}: not a named model, an existing file or directory, a hub id "
+        f"('org/name') or an 'hf-hub:' repo.{hint} Named models: {', '.join(list_models())}"
+    )
+
+
+def describes_architecture(source: Any) -> bool:
+    """Whether a source names its own architecture (a model directory, hub id, ``hf-hub:`` repo or
+    ``.ckpt``), as opposed to a named config, a spec or a bare weights file."""
+    if isinstance(source, DualEncoder):
+        return True
+    if not isinstance(source, str | os.PathLike):
+        return False
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir() or path.suffix == ".ckpt" or text.startswith("hf-hub:"):
+        return True
+    return not path.exists() and text not in MODEL_CONFIGS and text.count("/") == 1 and not path.suffix
+
+
+def _has_tokenizer_files(path: Path) -> bool:
+    return any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    from mmclip.models.convert.checkpoint import CheckpointError
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file and the fix
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only Lightning checkpoint ({err}); mmclip never unpickles "
+            "arbitrary objects"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def _checkpoint_model(checkpoint: dict[str, Any], path: Path) -> tuple[dict[str, Any], str]:
+    """(DualEncoder spec, tokenizer source) recorded in a task checkpoint."""
+    from mmclip.models.convert.checkpoint import CheckpointError
+
+    info = checkpoint.get(CHECKPOINT_MODEL_KEY)
+    if isinstance(info, dict) and info.get("config") is not None:
+        return info["config"], info.get("tokenizer") or "clip"
+    hp = checkpoint.get("hyper_parameters", {})
+    if isinstance(hp.get("model"), str) and hp["model"] in MODEL_CONFIGS:  # checkpoints of mmclip <= 0.1
+        config = get_model_config(hp["model"])
+        kwargs = dict(hp.get("model_kwargs") or {})
+        for key in ("image_tower", "text_tower"):
+            if hp.get(key):
+                kwargs[key] = merge_config(kwargs.get(key, {}), hp[key])
+        return merge_config(config, kwargs), hp.get("tokenizer") or "clip"
+    if isinstance(info, dict):
+        raise CheckpointError(
+            f"{path} was trained with a DualEncoder built in code from tower instances, so it does not record "
+            "how to rebuild it: build the same model in code and load the 'model.*' weights with "
+            "ContrastiveTask.load_from_checkpoint(path, model=your_model)"
+        )
+    raise CheckpointError(
+        f"{path} does not hold a dual encoder (no '{CHECKPOINT_MODEL_KEY}' entry): give a ContrastiveTask "
+        "checkpoint, or the model source the task was built from"
+    )
+
+
+# ---- resolving ------------------------------------------------------------------------------------------
+def resolve_model(source: Any, pretrained: Any = None, **overrides: Any) -> ResolvedModel:
+    """What ``source`` describes (see the module docstring), without building it.
+
+    Args:
+        source: a model source.
+        pretrained: weights to load instead of the source's own (any source with weights, or an OpenAI /
+            OpenCLIP / mmclip weights file for a named model or spec).
+        **overrides: DualEncoder arguments merged into the spec by :func:`merge_config`.
+
+    Raises:
+        KeyError: an unknown name (the known ones are listed).
+        FileNotFoundError: a path or hub repo that holds no model.
+        ValueError: a weights file given as the source (it does not say its architecture).
+    """
+    if isinstance(source, DualEncoder):
+        if overrides:
+            raise ValueError(f"overrides {sorted(overrides)} cannot change a model instance; pass a source or spec")
+        return ResolvedModel(source.config, _str(pretrained), "clip", "instance", instance=source)
+    if isinstance(source, dict):
+        config, weights, tokenizer, kind = dict(source), None, _spec_tokenizer(source), "spec"
+    elif source is None:
+        raise ValueError("a model source is needed: a named model (see `mmclip models`), spec, directory or hub id")
+    else:
+        kind, path = _locate(source)
+        weights = os.fspath(source)
+        if kind == "named":
+            config, weights = get_model_config(str(source)), None
+            tokenizer = MODEL_TOKENIZERS.get(str(source), "clip")
+        elif kind == "mmclip":
+            meta = json.loads((path / CONFIG_NAME).read_text())
+            config = meta["model"]
+            tokenizer = meta.get("tokenizer") or (str(path) if _has_tokenizer_files(path) else "clip")
+        elif kind == "hf":
+            from mmclip.models.convert.hf import hf_spec
+
+            config = hf_spec(path)
+            tokenizer = str(path) if _has_tokenizer_files(path) else "clip"
+        elif kind == "openclip":
+            from mmclip.models.convert.openclip import openclip_tokenizer, spec_from_openclip_config
+
+            meta = json.loads((path / OPENCLIP_CONFIG).read_text())
+            config = spec_from_openclip_config(meta["model_cfg"], meta.get("preprocess_cfg"))
+            tokenizer = openclip_tokenizer(meta["model_cfg"])
+        elif kind == "checkpoint":
+            config, tokenizer = _checkpoint_model(_read_checkpoint(path), path)
+        else:
+            raise ValueError(
+                f"{path} is a weights file, which does not say its architecture: give the architecture and "
+                f"the file, e.g. create_model('ViT-B-32', pretrained='{path}') (see `mmclip models`)"
+            )
+    if pretrained is not None:
+        weights = _str(pretrained)
+    return ResolvedModel(merge_config(config, overrides), weights, tokenizer, kind)
+
+
+def _str(source: Any) -> str | None:
+    return None if source is None else os.fspath(source)
+
+
+def _spec_tokenizer(spec: dict[str, Any]) -> str:
+    text = spec.get("text_tower") or {}
+    if text.get("name") == "hf" and text.get("model_name_or_path"):
+        return str(text["model_name_or_path"])
+    return "clip"
+
+
+# ---- weights --------------------------------------------------------------------------------------------
+def _openclip_state(model: DualEncoder, path: Path) -> dict[str, torch.Tensor]:
+    from mmclip.models.convert.checkpoint import load_state_dict
+    from mmclip.models.convert.openclip import convert_openclip_state_dict
+    from mmclip.towers.image.clip_vit import ClipVisionTransformer
+
+    state = load_state_dict(path)
+    if any(k.startswith(("image_tower.", "text_tower.")) for k in state):
+        return state  # already mmclip's layout
+    target = "clip_vit" if isinstance(model.image_tower, ClipVisionTransformer) else "auto"
+    converted = convert_openclip_state_dict(state, image_tower=target)
+    if "input_resolution" in state and "QuickGELU" not in {type(m).__name__ for m in model.modules()}:
+        logger.warning("OpenAI weights were trained with QuickGELU; use the '-quickgelu' model name")
+    return converted
+
+
+def state_dict_of(source: str | os.PathLike[str], model: DualEncoder) -> dict[str, torch.Tensor]:
+    """The mmclip-layout state dict of a weights source, for ``model``'s architecture."""
+    from mmclip.models.convert.checkpoint import load_state_dict
+
+    kind, path = _locate(source)
+    if kind == "mmclip":
+        return load_state_dict(path / WEIGHTS_NAME)
+    if kind == "hf":
+        from mmclip.models.convert.hf import hf_state_dict
+
+        return hf_state_dict(path)
+    if kind == "openclip":
+        files = [path / name for name in _OPENCLIP_WEIGHTS if (path / name).is_file()]
+        if not files:
+            raise FileNotFoundError(f"{path} has no {' or '.join(_OPENCLIP_WEIGHTS)}")
+        return _openclip_state(model, files[0])
+    if kind == "checkpoint":
+        state = _read_checkpoint(path)["state_dict"]
+        return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    if kind == "file":
+        return _openclip_state(model, path)
+    raise ValueError(
+        f"{source!r} is a named model, not weights: pretrained takes a file, a directory, a hub id or a "
+        "checkpoint (mmclip has no table of pretrained tags)"
+    )
+
+
+def load_weights(
+    model: DualEncoder, source: str | os.PathLike[str], keep: tuple[str, ...] | list[str] = ()
+) -> DualEncoder:
+    """Loads the weights of any source with weights into ``model`` (strict, listing every misfit key).
+
+    Args:
+        model: the model.
+        source: a weights file, directory, hub id, ``hf-hub:`` repo or ``.ckpt``.
+        keep: parameters the source may lack, which then keep the model's values (e.g. a logit bias a
+            sigmoid loss added to a CLIP model).
+
+    Raises:
+        CheckpointError: missing, unexpected or mis-shaped keys.
+    """
+    from mmclip.models.convert.checkpoint import load_checkpoint
+
+    state = state_dict_of(source, model)
+    own = model.state_dict()
+    for key in keep:
+        state.setdefault(key, own[key])
+    load_checkpoint(model, state)
+    logger.info("loaded weights from %s", source)
+    return model
+
+
+# ---- building -------------------------------------------------------------------------------------------
 def create_model(
-    name: str,
-    pretrained: str | Path | None = None,
+    source: Any,
+    pretrained: Any = None,
     device: str | torch.device | None = None,
     **overrides: Any,
 ) -> DualEncoder:
-    """Builds a named model, optionally loading weights.
+    """Builds the ``DualEncoder`` a model source describes, with its weights.
 
     Args:
-        name: a name from ``list_models()``.
-        pretrained: an OpenAI CLIP or OpenCLIP checkpoint file (.pt / .bin / .safetensors), or an mmclip
-            or Hugging Face directory. None: random init.
+        source: a named model, spec dict, mmclip / HF / OpenCLIP directory, hub id, ``hf-hub:`` repo,
+            ``.ckpt`` training checkpoint or ``DualEncoder`` (see the module docstring).
+        pretrained: weights to load (an OpenAI / OpenCLIP / mmclip weights file, or any source above).
         device: where to put the model.
-        **overrides: DualEncoder arguments; dicts merge into the config, e.g.
+        **overrides: DualEncoder arguments; dicts merge into the spec, e.g.
             ``create_model("ViT-B-16", image_tower={"patch_dropout": 0.5})``.
-    """
-    config = _merge(get_model_config(name), overrides)
-    model = DualEncoder.from_config(config)
-    if pretrained is not None:
-        from mmclip.models.convert import load_pretrained_into
 
-        load_pretrained_into(model, pretrained)
+    Examples:
+        >>> model = create_model("tiny-vit")                        # random init
+        >>> model = create_model("ViT-B-32-quickgelu", pretrained="ViT-B-32.pt")  # doctest: +SKIP
+        >>> model = create_model("hf-hub:timm/ViT-B-16-SigLIP")     # doctest: +SKIP
+    """
+    resolved = resolve_model(source, pretrained, **overrides)
+    model = resolved.instance or DualEncoder.from_config(resolved.config)
+    if resolved.weights is not None:
+        load_weights(model, resolved.weights)
     if device is not None:
         model = model.to(device)
     return model
+
+
+def from_pretrained(source: str | os.PathLike[str]) -> DualEncoder:
+    """A model with its weights from a self-describing source (directory, hub id, ``.ckpt``):
+    ``create_model(source)``."""
+    return create_model(source)
+
+
+def get_tokenizer(source: Any = "clip", context_length: int | None = None) -> Any:
+    """The tokenizer of any model source, or a tokenizer by name / directory / hub id.
+
+    ``get_tokenizer("ViT-B-32")`` equals OpenCLIP's tokenizer for that model. The default row length is the
+    smaller of the tokenizer's own limit and the text tower's positions.
+
+    Args:
+        source: a model source (see :func:`create_model`), or "clip", a tokenizer directory or hub id.
+        context_length: row length; default as above.
+    """
+    from mmclip.tokenizers import get_tokenizer as load_tokenizer
+
+    resolved = _resolve_for_tokenizer(source)
+    if resolved is None:
+        return load_tokenizer(source, context_length=context_length)
+    if context_length is None:
+        context_length = text_context_length(resolved.config)
+    return load_tokenizer(resolved.tokenizer, context_length=context_length)
+
+
+def _resolve_for_tokenizer(source: Any) -> ResolvedModel | None:
+    if source is None or isinstance(source, str) and source.lower() == "clip":
+        return None
+    if isinstance(source, DualEncoder | dict):
+        return resolve_model(source)
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir() and _dir_kind(path) is None:
+        return None  # a tokenizer directory
+    if text in MODEL_CONFIGS or path.exists() or text.startswith("hf-hub:"):
+        return resolve_model(text)
+    if text.count("/") == 1:
+        try:
+            return resolve_model(text)
+        except FileNotFoundError:
+            return None  # a tokenizer-only hub repo: the tokenizer loader says what went wrong
+    return None
+
+
+def text_context_length(config: dict[str, Any] | None) -> int | None:
+    """The text tower's position limit in a spec (None: the tokenizer's own default)."""
+    text = (config or {}).get("text_tower") or {}
+    if text.get("name") == "clip_text":
+        return int(text.get("context_length", 77))
+    return None
+
+
+def create_model_and_transforms(
+    source: Any, pretrained: Any = None, device: str | torch.device | None = None, **overrides: Any
+) -> tuple[DualEncoder, Any, Any]:
+    """``(model, train_preprocess, preprocess)`` as OpenCLIP users know it.
+
+    ``preprocess(pil_image)`` gives the tower's input ``(3, H, W)`` (resize, crop, normalise exactly as the
+    reference the weights came from); batches stack with ``torch.stack``. ``train_preprocess`` adds the
+    training augmentation (random resized crop).
+    """
+    from mmclip.data.transforms import image_transform
+
+    model = create_model(source, pretrained, device=device, **overrides)
+    return model, image_transform(model.data_config, train=True), image_transform(model.data_config, train=False)
 
 
 def count_parameters(model: DualEncoder) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """LightningModules: the only place (with data modules and callbacks) that imports lightning."""
 
+from mmclip.tasks.base import TrainingTask
 from mmclip.tasks.captioning import CaptioningTask
-from mmclip.tasks.contrastive import ContrastiveTask, build_model_config
+from mmclip.tasks.contrastive import ContrastiveTask
 from mmclip.tasks.featurizer import FeaturizerTask
 from mmclip.tasks.optim import build_optimizer, build_scheduler, param_groups
 
@@ -9,7 +10,7 @@ __all__ = [
     "CaptioningTask",
     "ContrastiveTask",
     "FeaturizerTask",
-    "build_model_config",
+    "TrainingTask",
     "build_optimizer",
     "build_scheduler",
     "param_groups",

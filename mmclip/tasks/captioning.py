@@ -15,19 +15,17 @@ held-out test images greedily and scores them (attribute accuracy, BLEU-4, ROUGE
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from mmclip.data.batch import ImageTextBatch
 from mmclip.models.caption_prefix import CaptionTokenizer, PrefixCaptioner, build_caption_targets
-from mmclip.tasks.optim import build_optimizer, build_scheduler
-from mmclip.tasks.throughput import Throughput
+from mmclip.models.dual_encoder import DualEncoder
+from mmclip.tasks.base import TrainingTask
 
 __all__ = ["CaptionDataTokenizer", "CaptioningTask", "synthetic_caption_corpus", "train_caption_tokenizer"]
 
@@ -146,7 +144,7 @@ def _check_keys(name: str, spec: dict[str, Any], known: set[str]) -> None:
 
 
 # ---- the task ----------------------------------------------------------------------------------
-class CaptioningTask(pl.LightningModule):
+class CaptioningTask(TrainingTask):
     """Trains an image captioner (image encoder -> mapper -> GPT-2 prefix) with teacher forcing.
 
     Example (what ``recipes/experiment/caption_shapes.yaml`` builds, less a few options)::
@@ -230,7 +228,6 @@ class CaptioningTask(pl.LightningModule):
         self.optimizer_spec = dict(optimizer or {})
         self.scheduler_spec = dict(scheduler or {})
         self._data_tokenizer: CaptionDataTokenizer | None = None
-        self._throughput = Throughput()
 
     # ---- construction helpers ----------------------------------------------------------------------
     def _build_tokenizer(self, spec: str | dict[str, Any] | None, state: dict[str, Any] | None) -> Any:
@@ -251,22 +248,21 @@ class CaptioningTask(pl.LightningModule):
         return _tokenizer_from_state(state)
 
     def _build_image_encoder(self, spec: str | dict[str, Any]) -> Any:
-        """The encoder module, without pretrained weights (those load in :meth:`setup`)."""
-        if self.hparams.image_pretrained is not None and not (isinstance(spec, str) or "image_tower" in spec):
-            raise ValueError(
-                "image_pretrained needs a named model or a DualEncoder config as image_encoder, not a tower spec"
-            )
-        return self._dual_encoder(spec) if isinstance(spec, str) or "image_tower" in spec else dict(spec)
+        """The encoder module: a DualEncoder from any model source (its weights load in :meth:`setup`), or a
+        bare image tower from a tower spec. The resolved spec is what the checkpoint records."""
+        if not (isinstance(spec, str) or "image_tower" in spec):
+            if self.hparams.image_pretrained is not None:
+                raise ValueError(
+                    "image_pretrained needs a model source or a DualEncoder config as image_encoder, not a tower spec"
+                )
+            return dict(spec)
+        from mmclip.models.factory import resolve_model
 
-    @staticmethod
-    def _dual_encoder(spec: str | dict[str, Any]) -> Any:
-        if isinstance(spec, str):
-            from mmclip.models.factory import create_model
-
-            return create_model(spec)
-        from mmclip.models.dual_encoder import DualEncoder
-
-        return DualEncoder.from_config(dict(spec))
+        resolved = resolve_model(spec if isinstance(spec, str) else dict(spec))
+        self.hparams["image_encoder"] = resolved.config
+        if self.hparams.image_pretrained is None and resolved.weights is not None:
+            self.hparams["image_pretrained"] = resolved.weights
+        return DualEncoder.from_config(resolved.config)
 
     # ---- pieces the rest of the system asks for ----------------------------------------------------
     @property
@@ -291,9 +287,9 @@ class CaptioningTask(pl.LightningModule):
     def setup(self, stage: str) -> None:
         pretrained = self.hparams.image_pretrained
         if stage == "fit" and pretrained and getattr(self.trainer, "ckpt_path", None) is None:
-            from mmclip.models.convert import load_pretrained_into
+            from mmclip.models.factory import create_model
 
-            source = load_pretrained_into(self._dual_encoder(self.hparams.image_encoder), pretrained)
+            source = create_model(self.hparams.image_encoder, pretrained=pretrained)
             target = self.model.image_encoder
             target.tower.load_state_dict(source.image_tower.state_dict())
             if target.proj is not None:
@@ -319,17 +315,11 @@ class CaptioningTask(pl.LightningModule):
             raise ValueError(
                 f"training batches carry one caption per image; got {len(batch.captions)} for {len(batch)} images"
             )
-        self._count_skips(batch)
+        self.count_skips(batch)
         loss = self(batch.images, batch.captions)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch))
+        self.log_lr(len(batch))
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: ImageTextBatch, batch_idx: int) -> None:
-        rate = self._throughput.update(len(batch) * self.trainer.world_size)  # over windows of >= 5 s
-        if rate is not None:
-            self.log("train/samples_per_sec", rate, rank_zero_only=True)
 
     def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> None:
         if not batch.captions or len(batch) == 0:
@@ -339,29 +329,6 @@ class CaptioningTask(pl.LightningModule):
             return
         loss = self(batch.images, [batch.captions[i] for i in first])
         self.log("val/loss", loss, sync_dist=True, batch_size=len(batch))
-
-    def _count_skips(self, batch: ImageTextBatch) -> None:
-        stats = getattr(getattr(self._trainer, "datamodule", None), "skip_stats", None)
-        if stats is not None:
-            stats.update(batch.skipped, len(batch))  # raises when the skipped fraction passes its ceiling
-
-    def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model, **self.optimizer_spec)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            total = self.trainer.max_steps
-        scheduler = build_scheduler(optimizer, total_steps=int(total), **self.scheduler_spec)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmclip_rng"] = {"torch": torch.get_rng_state()}  # dropout continues exactly on resume
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("mmclip_rng")
-        if state is not None:
-            torch.set_rng_state(state["torch"])
 
     # ---- captions ----------------------------------------------------------------------------------
     def max_new_tokens(self) -> int:

@@ -3,69 +3,39 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from mmclip.data.batch import ImageTextBatch
 from mmclip.losses.accumulation import cached_feature_step
 from mmclip.models.dual_encoder import DualEncoder
-from mmclip.models.factory import _merge, get_model_config
+from mmclip.models.factory import CHECKPOINT_MODEL_KEY, load_weights, merge_config, resolve_model
 from mmclip.registry import LOSSES
-from mmclip.tasks.optim import build_optimizer, build_scheduler
-from mmclip.tasks.throughput import Throughput
+from mmclip.tasks.base import TrainingTask
 from mmclip.tokenizers import get_tokenizer
 
-__all__ = ["ContrastiveTask", "build_model_config"]
+__all__ = ["ContrastiveTask"]
 
 log = logging.getLogger(__name__)
 
 
-def build_model_config(
-    model: str | None = None,
-    image_tower: dict[str, Any] | None = None,
-    text_tower: dict[str, Any] | None = None,
-    **model_kwargs: Any,
-) -> dict[str, Any]:
-    """The DualEncoder config from a named model and/or tower specs.
-
-    A tower spec whose ``name`` differs from the named model's tower replaces it; one without a ``name``
-    (or with the same name) is merged into it, e.g. ``image_tower={"patch_dropout": 0.5}``.
-
-    Raises:
-        ValueError: no named model and a tower spec missing.
-    """
-    if model is None:
-        if image_tower is None or text_tower is None:
-            raise ValueError(
-                "give a named model (`model=ViT-B-32`, see `mmclip models`) or both `image_tower` and "
-                "`text_tower` specs ({'name': ..., **kwargs})"
-            )
-        return {"image_tower": dict(image_tower), "text_tower": dict(text_tower), **model_kwargs}
-    config = get_model_config(model)
-    for key, spec in (("image_tower", image_tower), ("text_tower", text_tower)):
-        if spec is None:
-            continue
-        if "name" in spec and spec["name"] != config[key]["name"]:
-            config[key] = dict(spec)
-        else:
-            config[key] = _merge(config[key], dict(spec))
-    return _merge(config, model_kwargs)
-
-
-class ContrastiveTask(pl.LightningModule):
-    """Trains a dual encoder contrastively. Every argument is a plain spec, so checkpoints rebuild it.
+class ContrastiveTask(TrainingTask):
+    """Trains a dual encoder contrastively. Every argument is plain data, so checkpoints rebuild the task.
 
     Args:
-        model: a named config (``mmclip models`` lists them), or None to build from the tower specs.
-        image_tower: image tower spec (``{"name": ..., **kwargs}``), replacing or refining the named one.
+        model: any model source (``mmclip.create_model``): a named config (``mmclip models``), a spec dict, an
+            mmclip / HF / OpenCLIP directory, a hub id, an ``hf-hub:`` repo, a ``.ckpt``, or a ``DualEncoder``
+            built in code; None with both tower specs builds the model from them. A source with weights (directory, hub, checkpoint) loads them when a fresh fit
+            starts. The resolved spec is what the checkpoint records, so ``load_from_checkpoint`` needs
+            neither hydra nor the original directory. A ``DualEncoder`` whose towers were passed as modules
+            has no spec: its checkpoints reload with ``load_from_checkpoint(path, model=the_same_model)``.
+        image_tower: image tower spec merged into the model's (a different ``name`` replaces the tower).
         text_tower: text tower spec, likewise.
-        model_kwargs: further DualEncoder arguments (``embed_dim``, ``init_logit_bias``, ...).
-        tokenizer: tokenizer name or path for ``get_tokenizer`` (the data module tokenizes with it).
-        context_length: tokenizer row length (default: the text tower's).
-        pretrained: weights loaded when a fresh fit starts (OpenAI / OpenCLIP file, mmclip or HF directory);
+        model_kwargs: further DualEncoder arguments (``embed_dim``, ``init_logit_bias``, ...), merged likewise.
+        tokenizer: tokenizer for the data module (None: the model source's own; "clip"; a directory or hub id).
+        context_length: tokenizer row length (default: the smaller of the tokenizer's and the text tower's).
+        pretrained: weights loaded when a fresh fit starts (any source with weights; see ``create_model``);
             not reloaded when resuming or loading a checkpoint.
         loss: loss spec, e.g. ``{"name": "clip"}`` or ``{"name": "siglip", "exchange": "ring"}``.
         optimizer: optimizer spec (see ``mmclip.tasks.optim.build_optimizer``): AdamW with decay by rule and
@@ -82,11 +52,11 @@ class ContrastiveTask(pl.LightningModule):
 
     def __init__(
         self,
-        model: str | None = "tiny-vit",
+        model: str | dict[str, Any] | DualEncoder | None = "tiny-vit",
         image_tower: dict[str, Any] | None = None,
         text_tower: dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        tokenizer: str | None = "clip",
+        tokenizer: str | None = None,
         context_length: int | None = None,
         pretrained: str | None = None,
         loss: dict[str, Any] | None = None,
@@ -99,15 +69,33 @@ class ContrastiveTask(pl.LightningModule):
         micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        kwargs = dict(model_kwargs or {})
-        # tower refinements may also come inside model_kwargs (a model recipe's own adjustments)
-        image_tower = _merge(kwargs.pop("image_tower", {}), image_tower or {}) or None
-        text_tower = _merge(kwargs.pop("text_tower", {}), text_tower or {}) or None
-        config = build_model_config(model, image_tower, text_tower, **kwargs)
-        self.model = DualEncoder.from_config(config)
+        self.save_hyperparameters(ignore=["model"])
+        towers = {"image_tower": image_tower or {}, "text_tower": text_tower or {}}
+        overrides = {k: v for k, v in merge_config(dict(model_kwargs or {}), towers).items() if v != {}}
+        if model is None and image_tower and text_tower:
+            model = {}  # the tower specs (and model_kwargs) are the whole spec
+        if model is None:
+            raise ValueError(
+                "ContrastiveTask needs a model source (a name, spec, directory, hub id, .ckpt or DualEncoder). "
+                "Loading a checkpoint of a model built from tower modules? Pass it again: "
+                "ContrastiveTask.load_from_checkpoint(path, model=the_same_model)"
+            )
+        resolved = resolve_model(model, pretrained, **overrides)
+        if resolved.instance is not None:
+            self.model = resolved.instance
+        else:
+            self.model = DualEncoder.from_config(resolved.config)
+        # the checkpoint records the resolved spec (None for towers built in code) and where weights come from
+        self.hparams["model"] = resolved.config
+        self.hparams["pretrained"] = resolved.weights
+        self._model_tokenizer = resolved.tokenizer
         loss = dict(loss or {"name": "clip"})
         self.loss = LOSSES.build(loss.pop("name"), **loss)
+        # the loss brings what it needs (a logit bias for sigmoid losses), in code and recipes alike
+        self._added_by_loss = self.loss.prepare_model(self.model)
+        if self._added_by_loss:
+            log.info("added %s for %s", " and ".join(self._added_by_loss), type(self.loss).__name__)
+            self.hparams["model"] = self.model.config
         self.optimizer_spec = dict(optimizer or {})
         self.scheduler_spec = dict(scheduler or {})
         if patch_dropout:
@@ -128,7 +116,6 @@ class ContrastiveTask(pl.LightningModule):
                 raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
             self.automatic_optimization = False
         self._tokenizer = None
-        self._throughput = Throughput()
 
     # ---- pieces the rest of the system asks for ----------------------------------------------------
     @property
@@ -138,15 +125,16 @@ class ContrastiveTask(pl.LightningModule):
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer named by the ``tokenizer`` spec (built once)."""
+        """The data module's tokenizer: the ``tokenizer`` argument, else the model source's own (built once)."""
         if self._tokenizer is None:
+            name = self.hparams.tokenizer or self._model_tokenizer
             length = self.hparams.context_length or getattr(self.model.text_tower, "context_length", None)
-            self._tokenizer = get_tokenizer(self.hparams.tokenizer, context_length=length)
+            self._tokenizer = get_tokenizer(name, context_length=length)
             vocab = getattr(self.model.text_tower, "vocab_size", None)
             if vocab is not None and self._tokenizer.vocab_size > vocab:
                 raise ValueError(
-                    f"tokenizer {self.hparams.tokenizer!r} has {self._tokenizer.vocab_size} tokens but the text "
-                    f"tower embeds only {vocab}: set text_tower.vocab_size or choose a matching tokenizer"
+                    f"tokenizer {name!r} has {self._tokenizer.vocab_size} tokens but the text tower embeds only "
+                    f"{vocab}: set text_tower.vocab_size or choose a matching tokenizer"
                 )
         return self._tokenizer
 
@@ -156,17 +144,14 @@ class ContrastiveTask(pl.LightningModule):
                 "micro_batch_size is not supported with 16-mixed precision; use bf16-mixed or 32"
             )
         if stage == "fit" and self.hparams.pretrained and getattr(self.trainer, "ckpt_path", None) is None:
-            from mmclip.models.convert import load_pretrained_into
-
-            load_pretrained_into(self.model, self.hparams.pretrained)
-            log.info("loaded pretrained weights from %s", self.hparams.pretrained)
+            load_weights(self.model, self.hparams.pretrained, keep=self._added_by_loss)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> Any:
         return self.model(images, input_ids)
 
     # ---- training ----------------------------------------------------------------------------------
     def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor | None:
-        self._count_skips(batch)
+        self.count_skips(batch)
         if self.hparams.micro_batch_size is not None:
             losses = self._accumulated_step(batch)
         else:
@@ -195,13 +180,6 @@ class ContrastiveTask(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.loss.clamp_(self.model.logit_scale)  # temperature policy after every step
 
-    def _count_skips(self, batch: ImageTextBatch) -> None:
-        stats = getattr(getattr(self._trainer, "datamodule", None), "skip_stats", None)
-        if stats is None:
-            return
-        stats.update(batch.skipped, len(batch))  # raises when the skipped fraction passes its ceiling
-        self.log("data/skipped", float(stats.total_skipped), on_step=True, reduce_fx="max")
-
     def _log_scalars(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
         # the loss terms, temperature, bias and positive / negative logit means the loss reports
         for key, value in losses.items():
@@ -210,13 +188,7 @@ class ContrastiveTask(pl.LightningModule):
             self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=batch_size)
         if self.model.logit_bias is not None and "logit_bias" not in losses:
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=batch_size)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-
-    def on_train_batch_end(self, outputs: Any, batch: ImageTextBatch, batch_idx: int) -> None:
-        rate = self._throughput.update(len(batch) * self.trainer.world_size)  # over windows of >= 5 s
-        if rate is not None:
-            self.log("train/samples_per_sec", rate, rank_zero_only=True)
+        self.log_lr(batch_size)
 
     # ---- evaluation loss on the validation loader ----------------------------------------------
     def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> None:
@@ -231,22 +203,10 @@ class ContrastiveTask(pl.LightningModule):
         losses = self.loss(output)
         self.log("val/loss", losses["loss"], sync_dist=True, batch_size=len(batch))
 
-    # ---- optimisation ------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.model, **self.optimizer_spec)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            total = self.trainer.max_steps
-        scheduler = build_scheduler(optimizer, total_steps=int(total), **self.scheduler_spec)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # ---- exact resume: the global random state (patch dropout, dropout) ------------------------
+    # ---- the model record that makes a checkpoint a model source ------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmclip_rng"] = {"torch": torch.get_rng_state()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("mmclip_rng")
-        if state is not None:
-            torch.set_rng_state(state["torch"])
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_MODEL_KEY] = {
+            "config": self.model.config,
+            "tokenizer": self.hparams.tokenizer or self._model_tokenizer,
+        }

@@ -28,7 +28,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +37,7 @@ from mmclip.layers.perceiver import PerceiverResampler
 from mmclip.models.dual_encoder import DualEncoder
 from mmclip.models.featurizer import Featurizer
 from mmclip.registry import IMAGE_TOWERS
-from mmclip.tasks.optim import build_optimizer, build_scheduler
+from mmclip.tasks.base import TrainingTask
 
 __all__ = ["FeaturizerTask", "build_frozen_encoder"]
 
@@ -66,23 +65,6 @@ class _NoTextTokenizer:
         return torch.zeros(n, context_length or 1, dtype=torch.long)  # (T, L)
 
 
-def _lightning_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """The ``model.*`` weights of a ContrastiveTask training checkpoint, without the prefix."""
-    from mmclip.models.convert import CheckpointError
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state dict")
-    out = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    if not out:
-        raise CheckpointError(
-            f"{path} has no 'model.*' weights: give a ContrastiveTask training checkpoint (.ckpt), an "
-            "OpenAI / OpenCLIP weights file or an mmclip / Hugging Face model directory"
-        )
-    return out
-
-
 def _load_tower(tower: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Loads the ``image_tower.*`` entries of a dual-encoder state dict into a bare image tower."""
     from mmclip.models.convert import CheckpointError
@@ -106,84 +88,78 @@ def _load_tower(tower: nn.Module, state: dict[str, torch.Tensor], source: Path) 
 
 
 def build_frozen_encoder(
-    model: str | None = None,
+    model: Any = None,
     image_tower: dict[str, Any] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     pretrained: str | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """The encoder a ``FeaturizerTask`` freezes: a named ``DualEncoder`` or a bare image tower.
+    """The encoder a ``FeaturizerTask`` freezes: a ``DualEncoder`` from any model source, or a bare image tower.
 
     The modules are built under ``torch.manual_seed(seed)`` (the global random state is restored after),
     so a tower without pretrained weights is the same random tower every time.
 
     Args:
-        model: a named config (``mmclip models``), with ``image_tower`` / ``model_kwargs`` refining it; or
-            None for a bare image tower built from the ``image_tower`` spec.
-        image_tower: image tower spec.
-        model_kwargs: further DualEncoder arguments (named models only).
-        pretrained: a ContrastiveTask training checkpoint (``.ckpt``, read weights-only), or what
-            ``mmclip.models.convert.load_pretrained_into`` reads (OpenAI / OpenCLIP file, mmclip or HF
-            directory); for a bare tower its ``image_tower.*`` weights are taken.
+        model: any model source (``mmclip.create_model``: a name, spec, directory, hub id, ``.ckpt``), with
+            ``image_tower`` / ``model_kwargs`` refining it; or None for a bare image tower.
+        image_tower: image tower spec (refines the model's, or is the bare tower).
+        model_kwargs: further DualEncoder arguments (with ``model`` only).
+        pretrained: weights (any source with weights). With ``model=None``, a source that describes its own
+            architecture (directory, hub id, ``.ckpt``) gives the tower, architecture and weights, and the
+            ``image_tower`` spec is not used; a weights file loads its ``image_tower.*`` weights into the spec's.
         seed: seed of the random init.
     """
-    from mmclip.models.factory import _merge
-    from mmclip.tasks.contrastive import build_model_config
+    from mmclip.models.factory import describes_architecture, merge_config, resolve_model
 
+    if model is None and pretrained is not None and describes_architecture(pretrained):
+        model, image_tower = pretrained, None
+        log.info("frozen image tower: architecture and weights from %s", pretrained)
+        if model_kwargs:
+            raise ValueError("model_kwargs apply to a model source; pass task.model instead of task.pretrained")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model is None:
             if image_tower is None:
-                raise ValueError("give a named model (model=tiny-vit) or an image_tower spec {'name': ...}")
+                raise ValueError("give a model source (model=tiny-vit) or an image_tower spec {'name': ...}")
             if model_kwargs:
                 raise ValueError(
-                    f"model_kwargs {sorted(model_kwargs)} apply to a named model's DualEncoder; a bare "
+                    f"model_kwargs {sorted(model_kwargs)} apply to a model source's DualEncoder; a bare "
                     "image tower takes its options in the image_tower spec"
                 )
             encoder: nn.Module = IMAGE_TOWERS.build(dict(image_tower))
+            weights = pretrained
         else:
-            kwargs = dict(model_kwargs or {})
-            tower = _merge(kwargs.pop("image_tower", {}), dict(image_tower or {})) or None
-            encoder = DualEncoder.from_config(build_model_config(model, tower, None, **kwargs))
-    if pretrained:
-        path = Path(pretrained)
-        if path.suffix == ".ckpt":
-            state = _lightning_model_state(path)
-            if isinstance(encoder, DualEncoder):
-                from mmclip.models.convert import load_checkpoint
+            overrides = merge_config(dict(model_kwargs or {}), {"image_tower": dict(image_tower or {})})
+            resolved = resolve_model(model, pretrained, **{k: v for k, v in overrides.items() if v != {}})
+            encoder = resolved.instance or DualEncoder.from_config(resolved.config)
+            weights = resolved.weights
+    if weights:
+        if isinstance(encoder, DualEncoder):
+            from mmclip.models.factory import load_weights
 
-                load_checkpoint(encoder, state)
-            else:
-                _load_tower(encoder, state, path)
-        elif isinstance(encoder, DualEncoder):
-            from mmclip.models.convert import load_pretrained_into
-
-            load_pretrained_into(encoder, path)
+            load_weights(encoder, weights)
         else:
-            _load_tower(encoder, _dual_encoder_state(path), path)
-        log.info("frozen image encoder weights loaded from %s", path)
+            _load_tower(encoder, _weights_file_state(Path(weights)), Path(weights))
+        log.info("frozen image encoder weights loaded from %s", weights)
     return encoder
 
 
-def _dual_encoder_state(path: Path) -> dict[str, torch.Tensor]:
-    """An mmclip-layout state dict from a weights file or model directory."""
+def _weights_file_state(path: Path) -> dict[str, torch.Tensor]:
+    """An mmclip-layout state dict from an OpenAI / OpenCLIP / mmclip weights file."""
     from mmclip.models.convert import convert_openclip_state_dict, load_state_dict
 
-    if path.is_dir():
-        from mmclip.models.hf_interop import from_pretrained
-
-        return from_pretrained(path).state_dict()
     state = load_state_dict(path)
     if any(k.startswith("image_tower.") for k in state):
         return state
     return convert_openclip_state_dict(state)
 
 
-class FeaturizerTask(pl.LightningModule):
+class FeaturizerTask(TrainingTask):
     """Trains a resampler and/or head on a frozen image tower's features. Every argument is plain data.
 
     Args:
-        model: a named model config whose image tower is frozen, or None for the bare ``image_tower``.
+        model: any model source whose image tower is frozen (a name, spec, directory, hub id, ``.ckpt``), or
+            None for the bare ``image_tower``.
         image_tower: image tower spec (refines the named model's, or is the tower).
         model_kwargs: further DualEncoder arguments of a named model.
         pretrained: weights of the frozen encoder (see :func:`build_frozen_encoder`); None keeps the
@@ -209,7 +185,7 @@ class FeaturizerTask(pl.LightningModule):
 
     def __init__(
         self,
-        model: str | None = "tiny-vit",
+        model: str | dict[str, Any] | None = "tiny-vit",
         image_tower: dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
@@ -324,6 +300,7 @@ class FeaturizerTask(pl.LightningModule):
         return batch.images[keep], batch.labels[keep]
 
     def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor | None:
+        self.count_skips(batch)
         images, labels = self._labelled(batch)
         if len(labels) == 0:
             return None  # nothing labelled in this batch: no step
@@ -344,19 +321,11 @@ class FeaturizerTask(pl.LightningModule):
                 self.log("train/pearson", pearson_corrcoef(pred, target.float()), batch_size=n)
                 self.log("train/spearman", spearman_corrcoef(pred, target.float()), batch_size=n)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self.log_lr(n)
         return loss
 
-    def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self, **self.optimizer_spec)
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            total = self.trainer.max_steps
-        scheduler = build_scheduler(optimizer, total_steps=max(1, int(total)), **self.scheduler_spec)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def optimized_module(self) -> nn.Module:
+        return self  # the resampler and head; the frozen tower is kept outside the task's parameters
 
     def on_train_start(self) -> None:
         """Checks that only the trainable parts are optimised and that the frozen tower has no gradients.

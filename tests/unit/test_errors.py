@@ -90,7 +90,7 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_state_dict(tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match="neither mmclip_config.json"):
+    with pytest.raises(FileNotFoundError, match="not a model directory: expected mmclip_config.json"):
         mmclip.from_pretrained(tmp_path)
 
 

@@ -88,7 +88,7 @@ def test_decode_round_trip(clip_tok: ClipTokenizer) -> None:
     assert clip_tok.decode(clip_tok.encode("héllo 日本 😀")) == "héllo 日本 😀"
 
 
-def test_missing_vocabulary_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def _without_open_clip(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.delenv(tk.CLIP_BPE_ENV_VAR, raising=False)
     monkeypatch.setattr(
@@ -96,6 +96,20 @@ def test_missing_vocabulary_error(monkeypatch: pytest.MonkeyPatch) -> None:
         "find_spec",
         lambda name, *a, **k: None if name == "open_clip" else real_find_spec(name, *a, **k),
     )
+
+
+def test_shipped_vocabulary_needs_no_open_clip(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_open_clip(monkeypatch)
+    assert find_clip_bpe_vocab() == tk.SHIPPED_CLIP_BPE
+    import open_clip  # the dev extra's copy: the same ids
+
+    texts = ["a photo of a dog", "Two CATS, sleeping!", "héllo 日本 😀"]
+    assert torch.equal(get_tokenizer("clip")(texts), open_clip.get_tokenizer("ViT-B-32")(texts))
+
+
+def test_missing_vocabulary_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_open_clip(monkeypatch)
+    monkeypatch.setattr(tk, "SHIPPED_CLIP_BPE", "/nonexistent/bpe_simple_vocab_16e6.txt.gz")
     assert find_clip_bpe_vocab() is None
     with pytest.raises(FileNotFoundError) as info:
         ClipTokenizer()

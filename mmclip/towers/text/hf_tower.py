@@ -16,6 +16,9 @@ from mmclip.towers.base import BaseTower, resolve_layer_indices
 __all__ = ["HFTextTower"]
 
 
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")
+
+
 @TEXT_TOWERS.register("hf", aliases=("hf_text", "transformers"))
 class HFTextTower(BaseTower):
     """A ``transformers`` encoder with a pooler.
@@ -59,8 +62,14 @@ class HFTextTower(BaseTower):
             self.encoder = _without_pooler(
                 AutoModel.from_config, AutoConfig.from_pretrained(model_name_or_path)
             )
+        self.encoder.train()  # from_pretrained leaves the model in eval mode (dropout off); modules start in train
         self.config = self.encoder.config
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
+        self.vocab_size = int(self.config.vocab_size)
+        # positions the encoder embeds: RoBERTa-style models number positions from pad_token_id + 1
+        positions = getattr(self.config, "max_position_embeddings", None)
+        offset = (self.config.pad_token_id or 0) + 1 if self.config.model_type in _OFFSET_POSITIONS else 0
+        self.context_length: int | None = None if positions is None else int(positions) - offset
         self.output_dim = int(self.config.hidden_size)
         self.pool_type = pool
         self.pool = build_pooler(pool, self.output_dim)

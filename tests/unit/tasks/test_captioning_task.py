@@ -251,7 +251,7 @@ def test_pretrained_image_weights_load_at_fit_start(tmp_path, tokenizer_state):
     for key, value in source.image_tower.state_dict().items():
         assert torch.equal(tower.state_dict()[key], value), key
     assert torch.equal(task.model.image_encoder.proj.weight, source.image_proj.weight)
-    with pytest.raises(ValueError, match="named model or a DualEncoder"):
+    with pytest.raises(ValueError, match="model source or a DualEncoder"):
         make_task(tokenizer_state, image_encoder=TOWER, image_pretrained=str(path))
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mmclip.losses import ClipLoss
-from mmclip.models.factory import get_model_config
-from mmclip.tasks import ContrastiveTask, build_model_config
+from mmclip.models.factory import get_model_config, merge_config, resolve_model
+from mmclip.tasks import ContrastiveTask
 from tests.unit.tasks.fakes import FakeDataModule
 
 
@@ -29,13 +29,14 @@ def _weights(task):
 
 
 def test_model_config_merges_or_replaces_towers():
-    cfg = build_model_config("tiny-vit", image_tower={"patch_dropout": 0.5})
+    cfg = resolve_model("tiny-vit", image_tower={"patch_dropout": 0.5}).config
     base = get_model_config("tiny-vit")
     assert cfg["image_tower"] == {**base["image_tower"], "patch_dropout": 0.5}
-    cfg = build_model_config("tiny-vit", image_tower={"name": "timm", "model_name": "resnet18"})
+    cfg = merge_config(base, {"image_tower": {"name": "timm", "model_name": "resnet18"}})
     assert cfg["image_tower"] == {"name": "timm", "model_name": "resnet18"}
-    with pytest.raises(ValueError, match="named model"):
-        build_model_config(None, image_tower={"name": "clip_vit"})
+    assert cfg["text_tower"] == base["text_tower"]
+    with pytest.raises(ValueError, match="model source"):
+        ContrastiveTask(model=None, image_tower={"name": "clip_vit"})
 
 
 def test_training_step_loss_is_the_clip_loss_of_the_model_output():

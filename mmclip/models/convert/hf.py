@@ -1,4 +1,4 @@
-"""Hugging Face ``CLIPModel`` / ``SiglipModel`` directories <-> mmclip, and ``from_pretrained``.
+"""Hugging Face ``CLIPModel`` / ``SiglipModel`` directories <-> mmclip configs and state dicts.
 
 Loading reads the directory's config with transformers (defaults included) and its weights with
 safetensors (or ``torch.load(weights_only=True)`` for ``pytorch_model.bin``); no HF model is built.
@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from mmclip.models.convert import CheckpointError, load_checkpoint, load_state_dict
-from mmclip.models.dual_encoder import CONFIG_NAME, WEIGHTS_NAME, DualEncoder
+from mmclip.models.convert.checkpoint import CheckpointError, load_state_dict
+from mmclip.models.dual_encoder import DualEncoder
 
-__all__ = ["from_pretrained", "hf_to_mmclip", "to_hf_clip", "export_hf"]
+__all__ = ["export_hf", "hf_spec", "hf_state_dict", "is_hf_model_dir", "to_hf_clip"]
 
 _ACTS = {
     "quick_gelu": "quick_gelu",
@@ -154,13 +154,32 @@ def _convert_hf_state(
     return out
 
 
-def hf_to_mmclip(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Reads a HF ``CLIPModel`` or ``SiglipModel`` directory into an mmclip config and state dict."""
+def is_hf_model_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a Hugging Face model config (``config.json`` with a ``model_type``)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except ValueError:
+        return False
+
+
+def hf_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a HF ``CLIPModel`` / ``SiglipModel`` directory in mmclip's layout."""
+    model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
+    table = {"clip": _CLIP_KEYS, "siglip": _SIGLIP_KEYS}.get(model_type)
+    if table is None:
+        raise ValueError(f"model_type {model_type!r} is not supported; mmclip reads 'clip' and 'siglip'")
+    return _convert_hf_state(_read_hf_weights(Path(directory)), table)
+
+
+def hf_spec(directory: str | Path) -> dict[str, Any]:
+    """The mmclip ``DualEncoder`` spec of a HF ``CLIPModel`` / ``SiglipModel`` directory (config only)."""
     from transformers import AutoConfig
 
     directory = Path(directory)
     config = AutoConfig.from_pretrained(str(directory))
-    state = _read_hf_weights(directory)
     v, t = config.vision_config, config.text_config
     image = {
         "name": "clip_vit",
@@ -198,7 +217,7 @@ def hf_to_mmclip(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
             "embed_dim": config.projection_dim,
             "init_logit_scale": float(config.logit_scale_init_value),
         }
-        return cfg, _convert_hf_state(state, _CLIP_KEYS)
+        return cfg
     if config.model_type == "siglip":
         if not getattr(v, "vision_use_head", True):
             raise ValueError("SigLIP vision towers without the attention-pooling head are not supported")
@@ -228,27 +247,8 @@ def hf_to_mmclip(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
             "init_logit_scale": math.log(10.0),
             "init_logit_bias": -10.0,
         }
-        return cfg, _convert_hf_state(state, _SIGLIP_KEYS)
+        return cfg
     raise ValueError(f"model_type {config.model_type!r} is not supported; mmclip reads 'clip' and 'siglip'")
-
-
-def from_pretrained(directory: str | Path) -> DualEncoder:
-    """Loads an mmclip directory (``save_pretrained``) or a Hugging Face CLIP/SigLIP directory."""
-    directory = Path(directory)
-    if (directory / CONFIG_NAME).is_file():
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        model = DualEncoder.from_config(meta["model"])
-        load_checkpoint(model, load_state_dict(directory / WEIGHTS_NAME))
-        return model
-    if (directory / "config.json").is_file():
-        cfg, state = hf_to_mmclip(directory)
-        model = DualEncoder.from_config(cfg)
-        load_checkpoint(model, state)
-        return model
-    raise FileNotFoundError(
-        f"{directory} has neither {CONFIG_NAME} (mmclip) nor config.json (Hugging Face); for OpenAI/OpenCLIP "
-        "checkpoint files use create_model(name, pretrained=FILE)"
-    )
 
 
 def _check_exportable(model: DualEncoder) -> None:
@@ -347,10 +347,39 @@ def to_hf_clip(model: DualEncoder) -> Any:
     return hf.eval()
 
 
-def export_hf(model: DualEncoder, directory: str | Path) -> Path:
-    """Saves the model as a Hugging Face ``CLIPModel`` directory (config.json + model.safetensors)."""
+def export_hf(model: DualEncoder, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Saves the model as a Hugging Face ``CLIPModel`` directory that ``CLIPProcessor`` reads too.
+
+    Writes config.json + model.safetensors, preprocessor_config.json, and the tokenizer files, so
+    ``CLIPProcessor.from_pretrained(directory)`` gives mmclip's ids and pixels.
+
+    Args:
+        model: a CLIP-architecture DualEncoder.
+        directory: output folder.
+        tokenizer: the model's tokenizer (a ``ClipTokenizer`` or ``HFTokenizer``); default CLIP's BPE at
+            the text tower's context length.
+
+    Raises:
+        ValueError: the model has no HF CLIP equivalent, or the tokenizer's vocabulary does not fit it.
+    """
+    from mmclip.tokenizers import ClipTokenizer, HFTokenizer
+
     directory = Path(directory)
-    to_hf_clip(model).save_pretrained(str(directory))
+    hf_model = to_hf_clip(model)
+    if tokenizer is None:
+        tokenizer = ClipTokenizer(context_length=model.text_tower.context_length)
+    if tokenizer.vocab_size > model.text_tower.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the text tower embeds {model.text_tower.vocab_size}: "
+            "pass the tokenizer the model was trained with (export_hf(model, dir, tokenizer=...))"
+        )
+    hf_model.save_pretrained(str(directory))
+    if isinstance(tokenizer, ClipTokenizer):
+        tokenizer.save_hf(directory)
+    elif isinstance(tokenizer, HFTokenizer):
+        tokenizer.tokenizer.save_pretrained(str(directory))
+    else:
+        raise TypeError(f"export_hf writes ClipTokenizer or HFTokenizer files, not {type(tokenizer).__name__}")
     cfg = model.image_tower.data_config
     (directory / "preprocessor_config.json").write_text(
         json.dumps(

@@ -1,0 +1,73 @@
+"""What every mmclip task shares, written once: optimizer and schedule from specs, skip counting, samples/s,
+the random state for exact resume, and the model record that makes a checkpoint a model source."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from mmclip.data.batch import ImageTextBatch
+from mmclip.tasks.optim import build_optimizer, build_scheduler
+from mmclip.tasks.throughput import Throughput
+
+__all__ = ["TrainingTask"]
+
+
+class TrainingTask(pl.LightningModule):
+    """Base of the training tasks. Subclasses set ``optimizer_spec`` / ``scheduler_spec`` and may override
+    :meth:`optimized_module` (what ``configure_optimizers`` builds parameter groups from)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer_spec: dict[str, Any] = {}
+        self.scheduler_spec: dict[str, Any] = {}
+        self._throughput = Throughput()
+
+    # ---- optimisation ------------------------------------------------------------------------------
+    def optimized_module(self) -> nn.Module:
+        """The module whose trainable parameters the optimizer holds (by default ``self.model``)."""
+        return self.model
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.optimized_module(), **self.optimizer_spec)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            total = self.trainer.max_steps
+        scheduler = build_scheduler(optimizer, total_steps=max(1, int(total)), **self.scheduler_spec)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- logging -----------------------------------------------------------------------------------
+    def count_skips(self, batch: ImageTextBatch) -> None:
+        """Adds the batch's skipped samples to the data module's counts (which raise past the skip ceiling)
+        and logs the total as ``data/skipped`` and each reason as ``data/skipped/<reason>``."""
+        stats = getattr(getattr(self._trainer, "datamodule", None), "skip_stats", None)
+        if stats is None:
+            return
+        stats.update(batch.skipped, len(batch))
+        self.log("data/skipped", float(stats.total_skipped), on_step=True, reduce_fx="max")
+        for reason, count in sorted(stats.counts.items()):
+            self.log(f"data/skipped/{reason}", float(count), on_step=True, reduce_fx="max")
+
+    def log_lr(self, batch_size: int) -> None:
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+
+    def on_train_batch_end(self, outputs: Any, batch: ImageTextBatch, batch_idx: int) -> None:
+        rate = self._throughput.update(len(batch) * self.trainer.world_size)  # over windows of >= 5 s
+        if rate is not None:
+            self.log("train/samples_per_sec", rate, rank_zero_only=True)
+
+    # ---- exact resume: the global random state (dropout, patch dropout) ------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmclip_rng"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("mmclip_rng")
+        if state is not None:
+            torch.set_rng_state(state["torch"])

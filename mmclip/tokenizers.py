@@ -269,7 +269,11 @@ class ClipTokenizer:
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranked))
         hf = CLIPTokenizer(
-            vocab_file, merges_file, pad_token=self._decoder[self.pad_token_id], model_max_length=self._context_length
+            vocab_file,
+            merges_file,
+            pad_token=self._decoder[self.pad_token_id],
+            model_max_length=self._context_length,
+            split_special_tokens=True,  # "!" (id 0, the pad) inside text is text, as in mmclip
         )
         return list(hf.save_pretrained(os.fspath(directory)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,42 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any] | None = None, loggers: 
             "trainer=fsdp shards the model over CUDA GPUs (NCCL), and this machine has none: use "
             "trainer=cpu here, or trainer=ddp for data parallel on several processes"
         )
-    return pl.Trainer(**kwargs, callbacks=callbacks or [], logger=loggers or False)
+    plugins = kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+    if _wants_atomic_checkpoints(strategy, plugins):
+        from mmclip.tasks.checkpoint_io import AtomicCheckpointIO
+
+        plugins.append(AtomicCheckpointIO())
+    kept = []
+    for cb in callbacks or []:
+        if isinstance(cb, Mapping):  # a node without _target_: an override of a callback the group lacks
+            log.warning(
+                "callbacks: skipping %s, a setting without a _target_ (the chosen callbacks group has no such "
+                "callback, e.g. an experiment's override under callbacks=none)",
+                OmegaConf.to_yaml(cb).strip() if OmegaConf.is_config(cb) else cb,
+            )
+            continue
+        kept.append(cb)
+    return pl.Trainer(**kwargs, plugins=plugins or None, callbacks=kept, logger=loggers or False)
+
+
+def _wants_atomic_checkpoints(strategy: Any, plugins: list[Any]) -> bool:
+    """Whether ``build_trainer`` adds :class:`~mmclip.tasks.checkpoint_io.AtomicCheckpointIO`: not when the
+    recipe names a checkpoint IO plugin, the strategy was given one, or the strategy writes sharded
+    checkpoints through ``torch.distributed.checkpoint`` (FSDP ``state_dict_type="sharded"``, model
+    parallel) rather than through a checkpoint IO."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    if any(isinstance(p, CheckpointIO) for p in plugins):
+        return False
+    if getattr(strategy, "_checkpoint_io", None) is not None:
+        return False
+    name = type(strategy).__name__
+    if name == "FSDPStrategy" and getattr(strategy, "_state_dict_type", "full") == "sharded":
+        return False
+    if name == "ModelParallelStrategy" and getattr(strategy, "_save_distributed_checkpoint", True):
+        return False
+    return True
 
 
 def _instantiate_all(node: Any) -> list[Any]:

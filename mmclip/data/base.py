@@ -10,6 +10,11 @@ base class builds the loaders the training task and the evaluation callbacks use
 * ``val_dataloader()`` / ``test_dataloader()`` / ``retrieval_dataloader(split, rank, world_size)``: every
   caption of every image (``caption_image_index`` set), sharded by rank;
 * ``classification_dataloader(split, rank, world_size)``: batches with ``labels``, or ``None``.
+
+Training epochs are exactly-once (see :mod:`mmclip.data.loader` and :mod:`mmclip.data.stream`). The training
+loader counts every batch's skipped samples by reason, and its used samples, in ``skip_stats`` (a
+:class:`mmclip.data.quality.SkipStats`; ``skip_stats.as_dict()`` gives ``data/skipped/<reason>`` metrics)
+and raises :class:`mmclip.data.quality.DataQualityError` above ``max_skip_fraction``.
 """
 
 from __future__ import annotations
@@ -225,8 +230,16 @@ class ImageTextDataModule(L.LightningDataModule):
         """Extra :class:`StreamLoader` options (shuffle buffer, resampling, weights)."""
         return {}
 
-    def _stream_num_batches(self, source: StreamSource, world_size: int) -> int:
-        """Training batches per rank per epoch for a stream source."""
+    def _stream_num_batches(self, source: StreamSource, world_size: int) -> int | None:
+        """Training batches per rank per epoch for a stream source; ``None``: one exactly-once pass over the
+        shards, planned by the loader from their sizes."""
+        sizes = source.shard_sizes() if hasattr(source, "shard_sizes") else None
+        if (
+            not self._stream_options().get("resampled")
+            and sizes is not None
+            and all(n is not None for n in sizes)
+        ):
+            return None
         n = source.num_samples()
         if n is None:
             raise ValueError(
@@ -254,6 +267,7 @@ class ImageTextDataModule(L.LightningDataModule):
             prefetch_factor=self.prefetch_factor,
             keep_captions=self.keep_captions,
             with_labels=False,
+            skip_stats=self.skip_stats,
         )
         if _is_stream(source):
             num_batches = self._stream_num_batches(source, world_size)  # type: ignore[arg-type]

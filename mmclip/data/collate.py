@@ -20,7 +20,16 @@ from mmclip.data.batch import ImageTextBatch
 from mmclip.data.quality import DEFAULT_MAX_PIXELS, SkipCounter, SkipSample, decode_captions, decode_image
 from mmclip.data.transforms import ImageTransform
 
-__all__ = ["ProcessedSample", "RawSample", "SampleProcessor", "collate", "sample_rng", "sample_seed"]
+__all__ = [
+    "ProcessedSample",
+    "RawSample",
+    "SampleProcessor",
+    "collate",
+    "concat_batches",
+    "empty_batch",
+    "sample_rng",
+    "sample_seed",
+]
 
 
 def sample_seed(*parts: int | str) -> int:
@@ -46,12 +55,15 @@ class RawSample:
         image: encoded bytes, a file path, a decoded ``PIL.Image``, or ``None`` if missing.
         captions: a caption (str or bytes), a list of them, or ``None`` if missing.
         label: class id, or ``None`` / ``-1`` if unknown.
+        skip: a skip reason the source already knows (a malformed CSV row, a duplicate key); the sample
+            holds a place in the source's order and is counted as skipped when it is processed.
     """
 
     key: str
     image: Any
     captions: Any
     label: int | None = None
+    skip: str | None = None
 
 
 @dataclass
@@ -91,6 +103,8 @@ class SampleProcessor:
     def __call__(self, raw: RawSample, rng: random.Random | None = None) -> ProcessedSample | None:
         """The processed sample, or ``None`` (counted in ``self.skips``) if it cannot be used."""
         try:
+            if raw.skip is not None:
+                raise SkipSample(raw.skip)
             captions = decode_captions(raw.captions)
             if self.train:
                 captions = [
@@ -158,4 +172,60 @@ def collate(
         labels=labels,
         captions=captions if keep_captions else None,
         skipped=dict(skipped or {}),
+    )
+
+
+def empty_batch(
+    image_size: tuple[int, int],
+    context_length: int,
+    skipped: dict[str, int] | None = None,
+    keep_captions: bool = True,
+    with_labels: bool | None = None,
+) -> ImageTextBatch:
+    """A batch of zero samples that carries skip counts (every sample it stood for was unusable)."""
+    h, w = image_size
+    return ImageTextBatch(
+        images=torch.zeros(0, 3, h, w),  # (0, 3, H, W)
+        input_ids=torch.zeros(0, context_length, dtype=torch.long),  # (0, L)
+        keys=[],
+        labels=torch.zeros(0, dtype=torch.long) if with_labels else None,
+        captions=[] if keep_captions else None,
+        skipped=dict(skipped or {}),
+    )
+
+
+def concat_batches(parts: list[ImageTextBatch], skipped: dict[str, int] | None = None) -> ImageTextBatch:
+    """One training batch (one caption per image) from consecutive pieces, in order, with ``skipped``."""
+    if len(parts) == 1 and parts[0].caption_image_index is None:
+        only = parts[0]
+        return ImageTextBatch(
+            images=only.images,
+            input_ids=only.input_ids,
+            keys=list(only.keys),
+            labels=only.labels,
+            captions=None if only.captions is None else list(only.captions),
+            skipped=dict(skipped or {}),
+        )
+    if any(p.caption_image_index is not None for p in parts):
+        raise ValueError("concat_batches joins training batches (one caption per image)")
+    labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])  # (B,)
+    captions = None if any(p.captions is None for p in parts) else [c for p in parts for c in p.captions]
+    return ImageTextBatch(
+        images=torch.cat([p.images for p in parts]),  # (B, 3, H, W)
+        input_ids=torch.cat([p.input_ids for p in parts]),  # (B, L)
+        keys=[k for p in parts for k in p.keys],
+        labels=labels,
+        captions=captions,
+        skipped=dict(skipped or {}),
+    )
+
+
+def slice_batch(batch: ImageTextBatch, start: int, end: int) -> ImageTextBatch:
+    """Rows ``[start, end)`` of a training batch (views, no copy)."""
+    return ImageTextBatch(
+        images=batch.images[start:end],  # (b, 3, H, W)
+        input_ids=batch.input_ids[start:end],  # (b, L)
+        keys=batch.keys[start:end],
+        labels=None if batch.labels is None else batch.labels[start:end],
+        captions=None if batch.captions is None else batch.captions[start:end],
     )

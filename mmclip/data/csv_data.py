@@ -5,11 +5,17 @@ directory) and a caption; rows that name the same image are grouped into one sam
 (a random one per training step, all of them for evaluation). The file is read as UTF-8 with invalid bytes
 kept as surrogate escapes, so a caption that is not valid UTF-8 skips its row's sample
 (``bad_caption_encoding``) instead of failing the whole file.
+
+Parsing is strict: every line is one row (a quoted field cannot span lines, so write newlines in captions
+as spaces) with exactly the header's number of fields. A line that is not (an unclosed quote, extra or
+missing fields) is a ``malformed_row`` skip in its place in the data, logged with its line number; blank
+lines are ignored.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +24,8 @@ from mmclip.data.base import ImageTextDataModule
 from mmclip.data.collate import RawSample
 
 __all__ = ["CsvDataModule", "CsvSource"]
+
+logger = logging.getLogger(__name__)
 
 
 class CsvSource:
@@ -51,23 +59,40 @@ class CsvSource:
         images: list[str] = []
         captions: list[list[str | None]] = []
         labels: list[int | None] = []
+        skips: list[str | None] = []
         where: dict[str, int] = {}
+        malformed: list[int] = []
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.DictReader(f, delimiter=sep)
-            fields = reader.fieldnames or []
-            missing = [
-                c for c in (image_column, caption_column, label_column) if c is not None and c not in fields
-            ]
-            if missing:
-                raise ValueError(
-                    f"{path} has no column(s) {missing}; its columns are {fields} (separator {sep!r})"
-                )
-            for row in reader:
-                image = row.get(image_column) or ""
+            fields: list[str] = []
+            for number, line in enumerate(f, start=1):
+                if not line.strip("\r\n"):
+                    continue  # blank lines are not rows
+                row = _parse_line(line, sep)
+                if not fields:
+                    fields = row or []
+                    missing = [
+                        c
+                        for c in (image_column, caption_column, label_column)
+                        if c is not None and c not in fields
+                    ]
+                    if missing:
+                        raise ValueError(
+                            f"{path} has no column(s) {missing}; its columns are {fields} (separator {sep!r})"
+                        )
+                    continue
+                if row is None or len(row) != len(fields):
+                    malformed.append(number)  # a place in the order, skipped as malformed_row
+                    images.append("")
+                    captions.append([None])
+                    labels.append(None)
+                    skips.append(f"line {number}")
+                    continue
+                values = dict(zip(fields, row, strict=True))
+                image = values[image_column]
                 if image and not os.path.isabs(image):
                     image = os.path.join(root, image)
-                caption = row.get(caption_column)
-                label = _parse_label(row.get(label_column)) if label_column else None
+                caption = values[caption_column]
+                label = _parse_label(values[label_column]) if label_column else None
                 if group_captions and image and image in where:
                     captions[where[image]].append(caption)
                     continue
@@ -76,12 +101,27 @@ class CsvSource:
                 images.append(image)
                 captions.append([caption])
                 labels.append(label)
+                skips.append(None)
+        if malformed:
+            shown = ", ".join(map(str, malformed[:20])) + (", ..." if len(malformed) > 20 else "")
+            logger.warning(
+                "%s: %d malformed line(s) (not one row of %d fields: unclosed quote, extra or missing fields), "
+                "skipped as malformed_row: line %s",
+                path,
+                len(malformed),
+                len(fields),
+                shown,
+            )
+        self.malformed_lines = malformed
+        self.skips = skips
         self.images, self.captions, self.labels = images, captions, labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def get(self, index: int) -> RawSample:
+        if self.skips[index] is not None:
+            return RawSample(key=self.skips[index], image=None, captions=None, skip="malformed_row")
         image = self.images[index]
         return RawSample(
             key=os.path.relpath(image, os.path.dirname(os.path.abspath(self.path)))
@@ -94,6 +134,16 @@ class CsvSource:
 
     def labelled_indices(self) -> list[int]:
         return [i for i, label in enumerate(self.labels) if label is not None and label >= 0]
+
+
+def _parse_line(line: str, sep: str) -> list[str] | None:
+    """The fields of one physical line, or ``None`` if it is not well-formed CSV on its own (e.g. a quote
+    that does not close on the line: rows never span lines, so one bad quote cannot swallow the next rows)."""
+    try:
+        rows = list(csv.reader([line.rstrip("\r\n")], delimiter=sep, strict=True))
+    except csv.Error:
+        return None
+    return rows[0] if len(rows) == 1 else None
 
 
 def _parse_label(value: str | None) -> int | None:

@@ -260,7 +260,7 @@ class HFDataModule(ImageTextDataModule):
     def _stream_options(self) -> dict[str, Any]:
         return {"shuffle_buffer": self.shuffle_buffer}
 
-    def _stream_num_batches(self, source: Any, world_size: int) -> int:
+    def _stream_num_batches(self, source: Any, world_size: int) -> int | None:
         if self.epoch_length is not None:
             return self.epoch_length // (world_size * self.batch_size)
         return super()._stream_num_batches(source, world_size)

@@ -6,29 +6,45 @@ resumes: because the loader is sized, Lightning does not prefetch, so the number
 yielded when a checkpoint is written is the number the model consumed. The loader keeps its own epoch
 counter: every ``iter()`` after the first starts the next epoch (the body runs at the first ``next()``, so
 a bare ``iter()`` probe changes nothing), and an ``iter()`` after ``load_state_dict`` continues the saved
-epoch where it stopped.
+epoch where it stopped. It counts every batch's skips and used samples in its :class:`SkipStats` (the data
+module's ``skip_stats``) and raises :class:`DataQualityError` when the skipped fraction passes its ceiling or
+when a whole pass over this rank's share gave no usable sample.
 
-For map-style sources (:class:`MapLoader`) each epoch is a permutation of the data seeded by
-(seed, epoch); rank ``r`` of ``R`` takes every ``R``-th index of it (the tail that does not fill a batch on
-every rank is dropped), and batches are cut in the main process, so resuming is skipping the consumed
-batches of the same permutation. Workers build whole batches (decode, transform, tokenize); a sample that
-cannot be used is replaced by a random one drawn from (seed, epoch, batch, attempt), so every training batch
-is full and the same on a resumed run. Per-sample randomness is seeded from (seed, epoch, index).
+Epochs are exactly-once. For map-style sources (:class:`MapLoader`) each epoch is a permutation of the data
+seeded by (seed, epoch); rank ``r`` of ``R`` takes every ``R``-th index of it, all of them. Workers prepare
+*chunks* of ``batch_size`` consecutive indices of that order (decode, transform, tokenize; unusable samples
+are dropped and counted) and the main process packs the usable samples into batches in order: a skipped
+sample is gone for the epoch and its place is filled by the next samples, never by a repeat. Every rank
+yields ``ceil(ceil(N / R) / batch_size)`` batches per epoch (the same number on every rank); the last ones
+of a rank may be short, or empty (zero rows, carrying skip counts) once its share is used up. Resuming
+restarts at the chunk of the next unused sample. Per-sample randomness is seeded from (seed, epoch, index).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmclip.data.batch import ImageTextBatch
-from mmclip.data.collate import ProcessedSample, RawSample, SampleProcessor, collate, sample_rng, sample_seed
-from mmclip.data.quality import DataQualityError
+from mmclip.data.collate import (
+    ProcessedSample,
+    RawSample,
+    SampleProcessor,
+    collate,
+    concat_batches,
+    empty_batch,
+    sample_rng,
+    sample_seed,
+    slice_batch,
+)
+from mmclip.data.quality import SkipStats
 
 __all__ = ["MapEvalDataset", "MapLoader", "MapSource", "ResumableLoader", "epoch_permutation"]
 
@@ -59,6 +75,8 @@ class ResumableLoader:
         num_workers: DataLoader worker processes (0 builds batches in the main process).
         pin_memory: pin batches for faster host-to-GPU copies.
         prefetch_factor: batches each worker prepares ahead.
+        skip_stats: where skips and used samples are counted, with the ceiling (default: a fresh
+            :class:`SkipStats`).
     """
 
     def __init__(
@@ -68,7 +86,11 @@ class ResumableLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        skip_stats: SkipStats | None = None,
     ):
+        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
+        self._epoch_ok = 0  # usable samples yielded in the current epoch
+        self._exhausted = False  # set by subclasses: this rank's share of the epoch is used up
         self.num_batches = int(num_batches)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -111,6 +133,8 @@ class ResumableLoader:
         self.epoch, self._consumed = epoch, consumed
         if consumed:
             logger.info("Resuming epoch %d of the training data after %d batches.", epoch, consumed)
+        self._epoch_ok = int(resume.get("epoch_ok", 0)) if resume is not None else 0
+        self._exhausted = False
         self._begin_epoch(resume)
         batches = self._epoch_batches(epoch, consumed)
         self._live = batches
@@ -124,6 +148,12 @@ class ResumableLoader:
                     )
                 batch = self._on_batch(item)
                 self._consumed += 1
+                self._epoch_ok += len(batch)
+                self.skip_stats.count(batch.skipped, len(batch))  # raises above the ceiling
+                if self._exhausted and self._epoch_ok == 0:
+                    raise self.skip_stats.nothing_usable(
+                        f"this rank's share of the training data (epoch {epoch})"
+                    )
                 yield batch
         finally:
             if self._live is batches:
@@ -147,7 +177,13 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Where the loader is: epoch, batches consumed in it, and what is needed to continue exactly."""
-        return {"epoch": self.epoch, "consumed": self._consumed, **self._fingerprint(), **self._extra_state()}
+        return {
+            "epoch": self.epoch,
+            "consumed": self._consumed,
+            "epoch_ok": self._epoch_ok,
+            **self._fingerprint(),
+            **self._extra_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next ``iter()``.
@@ -171,15 +207,24 @@ class ResumableLoader:
 
 @dataclass
 class _Request:
-    """One training batch to build: its epoch, its index in the epoch, and its sample indices."""
+    """One chunk of training samples to prepare: its epoch, its index in the rank's order, its indices."""
 
     epoch: int
-    batch: int
+    chunk: int
     indices: list[int]
 
 
+@dataclass
+class _Chunk:
+    """The usable samples of one :class:`_Request`, collated (``None`` if none was usable), and its skips."""
+
+    chunk: int
+    batch: ImageTextBatch | None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
 class _MapTrainDataset(Dataset):
-    """Builds whole training batches in the workers from :class:`_Request`s (``__getitems__``)."""
+    """Prepares chunks of training samples in the workers from :class:`_Request`s (``__getitems__``)."""
 
     def __init__(
         self,
@@ -200,32 +245,22 @@ class _MapTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitems__(self, request: _Request) -> ImageTextBatch:
+    def __getitems__(self, request: _Request) -> _Chunk:
         samples: list[ProcessedSample] = []
         for index in request.indices:
             item = self.processor(self.source.get(index), sample_rng(self.seed, request.epoch, index, 0))
             if item is not None:
                 samples.append(item)
-        want, n = len(request.indices), len(self.source)
-        attempt, max_attempts = 0, 4 * want + 16
-        while len(samples) < want:
-            if attempt >= max_attempts:
-                raise DataQualityError(
-                    f"could not fill a training batch of {want}: {attempt} replacement samples in a row were "
-                    f"unusable as well (skips so far: {dict(self.processor.skips.pending)}); the data is broken"
-                )
-            index = sample_rng(self.seed, request.epoch, "replace", request.batch, attempt).randrange(n)
-            attempt += 1
-            item = self.processor(
-                self.source.get(index), sample_rng(self.seed, request.epoch, index, attempt)
-            )
-            if item is not None:
-                samples.append(item)
-        return collate(
-            samples, self.tokenizer, self.processor.skips.take(), self.keep_captions, self.with_labels
+        skipped = self.processor.skips.take()
+        if not samples:
+            return _Chunk(request.chunk, None, skipped)
+        return _Chunk(
+            request.chunk,
+            collate(samples, self.tokenizer, None, self.keep_captions, self.with_labels),
+            skipped,
         )
 
-    def __getitem__(self, request: _Request) -> ImageTextBatch:
+    def __getitem__(self, request: _Request) -> _Chunk:
         return self.__getitems__(request)
 
 
@@ -238,7 +273,8 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
 
 
 class MapLoader(ResumableLoader):
-    """Training loader over a map-style source, split by rank, resumable (see the module docstring).
+    """Training loader over a map-style source, split by rank, exactly-once, resumable (see the module
+    docstring).
 
     Args:
         source: the data.
@@ -252,6 +288,7 @@ class MapLoader(ResumableLoader):
         num_workers, pin_memory, prefetch_factor: as for ``torch.utils.data.DataLoader``.
         keep_captions: keep caption strings in the batches.
         with_labels: attach labels (``None``: when the samples have them).
+        skip_stats: see :class:`ResumableLoader`.
     """
 
     def __init__(
@@ -269,36 +306,82 @@ class MapLoader(ResumableLoader):
         prefetch_factor: int | None = None,
         keep_captions: bool = True,
         with_labels: bool | None = None,
+        skip_stats: SkipStats | None = None,
     ):
         n = len(source)
-        per_rank = n // world_size
-        num_batches = per_rank // batch_size
-        if num_batches == 0:
+        if n < world_size * batch_size:
             raise ValueError(
                 f"the training data has {n} samples, fewer than world_size * batch_size = "
                 f"{world_size} * {batch_size}; lower batch_size or add data"
             )
-        super().__init__(num_batches, batch_size, num_workers, pin_memory, prefetch_factor)
+        num_batches = math.ceil(math.ceil(n / world_size) / batch_size)
+        super().__init__(num_batches, batch_size, num_workers, pin_memory, prefetch_factor, skip_stats)
         self.source = source
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
-        self.per_rank = per_rank
+        self.processor, self.tokenizer = processor, tokenizer
+        self.keep_captions, self.with_labels = keep_captions, with_labels
         self.dataset = _MapTrainDataset(source, processor, tokenizer, seed, keep_captions, with_labels)
+        self._cursor = (0, 0)  # (chunk, usable samples of it already in batches) of the next sample
 
     def _fingerprint(self) -> dict[str, Any]:
         return {**super()._fingerprint(), "world_size": self.world_size, "num_samples": len(self.source)}
 
-    def _requests(self, epoch: int, consumed: int) -> Iterator[_Request]:
-        order = epoch_permutation(len(self.source), self.seed, epoch, self.shuffle)
-        mine = order[self.rank :: self.world_size][: self.per_rank].tolist()
-        b = self.batch_size
-        for i in range(consumed, self.num_batches):
-            yield _Request(epoch, i, mine[i * b : (i + 1) * b])
+    def _extra_state(self) -> dict[str, Any]:
+        return {"cursor": list(self._cursor)}
 
-    def _epoch_batches(self, epoch: int, consumed: int) -> Iterator[ImageTextBatch]:
-        requests = list(self._requests(epoch, consumed))
-        loader = self._dataloader(self.dataset, batch_sampler=requests)
-        yield from loader
+    def _begin_epoch(self, resume: dict[str, Any] | None) -> None:
+        self._cursor = tuple(resume["cursor"]) if resume is not None and "cursor" in resume else (0, 0)
+
+    def _requests(self, epoch: int, first: int) -> list[_Request]:
+        order = epoch_permutation(len(self.source), self.seed, epoch, self.shuffle)
+        mine = order[self.rank :: self.world_size].tolist()
+        b = self.batch_size
+        return [_Request(epoch, c, mine[c * b : (c + 1) * b]) for c in range(first, math.ceil(len(mine) / b))]
+
+    def _empty(self, skipped: dict[str, int]) -> ImageTextBatch:
+        size = self.processor.transform.size
+        return empty_batch(size, self.tokenizer.context_length, skipped, self.keep_captions, self.with_labels)
+
+    def _epoch_batches(self, epoch: int, consumed: int) -> Iterator[Any]:
+        first, used = self._cursor
+        requests = self._requests(epoch, first)
+        end = first + len(requests)
+        chunks = iter(self._dataloader(self.dataset, batch_sampler=requests)) if requests else iter(())
+        current: _Chunk | None = None
+        offset = 0
+        resumed = True
+        while True:
+            parts: list[ImageTextBatch] = []
+            skipped: Counter[str] = Counter()
+            n, exhausted = 0, False
+            while n < self.batch_size:
+                if current is None or current.batch is None or offset >= len(current.batch):
+                    nxt = next(chunks, None)
+                    if nxt is None:
+                        exhausted, current, offset = True, None, 0
+                        break
+                    current, offset = nxt, 0
+                    if resumed and used:  # the chunk the checkpoint stopped in: its skips were counted
+                        current.skipped, offset = {}, used
+                    resumed = False
+                    skipped.update(current.skipped)
+                    self.skip_stats.check(skipped)  # the ceiling, on skipped work as it happens
+                    continue
+                take = min(self.batch_size - n, len(current.batch) - offset)
+                parts.append(slice_batch(current.batch, offset, offset + take))
+                offset, n = offset + take, n + take
+            if current is not None and current.batch is not None and offset < len(current.batch):
+                cursor = (current.chunk, offset)
+            else:
+                cursor = (current.chunk + 1 if current is not None else end, 0)
+            batch = concat_batches(parts, dict(skipped)) if parts else self._empty(dict(skipped))
+            yield cursor, batch, exhausted
+
+    def _on_batch(self, item: Any) -> ImageTextBatch:
+        self._cursor, batch, exhausted = item
+        self._exhausted = self._exhausted or exhausted
+        return batch
 
 
 class MapEvalDataset(Dataset):
@@ -324,13 +407,6 @@ class MapEvalDataset(Dataset):
         skipped = self.processor.skips.take()
         if kept:
             return collate(kept, self.tokenizer, skipped, self.keep_captions, self.labels)
-        h, w = self.processor.transform.size
-        length = self.tokenizer.context_length
-        return ImageTextBatch(  # every sample of the batch was unusable: an empty batch keeps the count
-            images=torch.zeros(0, 3, h, w),
-            input_ids=torch.zeros(0, length, dtype=torch.long),
-            keys=[],
-            labels=torch.zeros(0, dtype=torch.long) if self.labels else None,
-            captions=[] if self.keep_captions else None,
-            skipped=skipped,
-        )
+        # every sample of the batch was unusable: an empty batch keeps the count
+        size, length = self.processor.transform.size, self.tokenizer.context_length
+        return empty_batch(size, length, skipped, self.keep_captions, self.labels)

@@ -37,6 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_CAPTION_CHARS",
     "SKIP_REASONS",
     "DataQualityError",
     "SkipCounter",
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Images with more pixels than this (read from the header, before decoding) are skipped as ``too_large``."""
+
+MAX_CAPTION_CHARS = 4096
+"""Captions are cut to this many characters (a text tower reads at most a few hundred tokens)."""
 
 SKIP_REASONS: dict[str, str] = {
     "missing_image": "the sample has no image field",
@@ -226,7 +230,8 @@ class SkipStats:
 
 
 def decode_caption(raw: Any) -> str:
-    """A usable caption from ``raw`` (str or UTF-8 bytes), stripped.
+    """A usable caption from ``raw`` (str or UTF-8 bytes): NUL characters removed, stripped, and cut to
+    :data:`MAX_CAPTION_CHARS` (far more than any text tower reads; it bounds the tokenizer's work).
 
     Raises:
         SkipSample: ``missing_caption`` (None or not text), ``bad_caption_encoding`` (invalid UTF-8, or a
@@ -245,10 +250,10 @@ def decode_caption(raw: Any) -> str:
         raw.encode("utf-8")  # lone surrogates come from files read with errors="surrogateescape"
     except UnicodeEncodeError as err:
         raise SkipSample("bad_caption_encoding", str(err)) from None
-    text = raw.strip()
+    text = raw.replace("\x00", "").strip()
     if not text:
         raise SkipSample("empty_caption")
-    return text
+    return text[:MAX_CAPTION_CHARS]
 
 
 def decode_captions(raw: Any) -> list[str]:

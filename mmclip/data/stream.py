@@ -1,26 +1,35 @@
-"""Resumable, rank- and worker-split loading for streamed sources (webdataset shards, streaming HF).
+"""Resumable, rank- and worker-split, exactly-once loading for streamed sources (webdataset shards,
+streaming HF).
 
 A :class:`StreamSource` is a list of shards that can each be read front to back. Every DataLoader worker of
-every rank is a *slot* (``rank * workers + worker`` of ``world_size * workers``) that reads its own part:
+every rank is a *slot* (``rank * workers + worker`` of ``world_size * workers``) that reads its own part,
+once per epoch (a training epoch is one pass over the shards; nothing is read twice):
 
-* not resampled: each epoch the shard list is shuffled with (seed, epoch) and slot ``g`` reads shards
-  ``g, g + G, g + 2G, ...``; with fewer shards than slots, every slot reads all shards and keeps every
-  ``G``-th sample instead. Each sample is read by exactly one slot per pass;
+* not resampled, at least as many shards as slots: the shards are dealt into one group per slot, balanced
+  by sample count when the shard sizes are known (largest first, to the group with the fewest samples),
+  else every ``G``-th shard. Each epoch the groups are handed to the slots in an order seeded by
+  (seed, epoch) and each slot reads its group's shards in a seeded order;
+* not resampled, fewer shards than slots: every slot reads all shards and keeps every ``G``-th sample;
 * resampled: each slot draws shards with replacement (sources picked by weight), seeded by
   (seed, epoch, slot), an endless stream; the declared epoch length decides how much of it is an epoch.
 
-Within a slot, a shuffle buffer (seeded by (seed, epoch, slot), and refilled for each pass over the
-shards so that a pass ends before the next begins) mixes samples of nearby shards. Training
-epochs have a fixed number of batches per rank, dealt to the workers round-robin (worker ``w`` of ``W``
-builds batches ``w, w + W, ...``), which is the order in which the DataLoader returns them. A slot whose
-shards run out before its share wraps around and reads them again (a warning says so; split the data
-into a multiple of ``world_size * workers`` shards of equal size to see every sample exactly once).
+Within a slot, a shuffle buffer (seeded by (seed, epoch, slot)) mixes samples of nearby shards. Every
+worker builds the same number ``q`` of training batches per epoch from its own stream, in order; a skipped
+sample is gone for the epoch and the next samples fill its place. When the shard sizes are known and no
+epoch length is declared, ``q = ceil(largest group / batch_size)``, so every usable sample is yielded
+exactly once per epoch: a worker whose stream ends first yields its last samples as a short batch and then
+empty batches (zero rows, carrying skip counts) up to ``q``, so that every rank yields the same number of
+batches. With a declared ``epoch_length`` a worker stops after its share of it (samples beyond are not seen
+that epoch) or pads when its stream ends first. A worker that reads ``min_samples`` samples without a usable
+one, and a rank whose whole pass yields none, raise :class:`DataQualityError` (bounded work, never a hang).
 
-Resuming: every batch tells the main process how far its slot has read (samples taken from the shuffle
-buffer). After ``k`` consumed batches, worker ``w`` has built ``k // W + (w < k % W)`` of them; a resumed
-loader reads each slot's stream again without decoding up to that point (same shard order, same buffer)
-and rotates the workers so that the DataLoader's round-robin continues with worker ``k % W``. Per-sample
-randomness is seeded from (seed, epoch, slot, position), so resumed batches equal the uninterrupted ones.
+Batches are dealt to the workers round-robin (worker ``w`` of ``W`` builds batches ``w, w + W, ...``),
+which is the order in which the DataLoader returns them. Resuming: every batch tells the main process how
+far its slot has read (samples taken from the shuffle buffer). After ``k`` consumed batches, worker ``w``
+has built ``k // W + (w < k % W)`` of them; a resumed loader reads each slot's stream again without decoding
+up to that point (same shard order, same buffer) and rotates the workers so that the DataLoader's
+round-robin continues with worker ``k % W``. Per-sample randomness is seeded from (seed, epoch, slot,
+position), so resumed batches equal the uninterrupted ones.
 """
 
 from __future__ import annotations
@@ -33,10 +42,11 @@ from typing import Any, Protocol
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmclip.data.batch import ImageTextBatch
-from mmclip.data.collate import RawSample, SampleProcessor, collate, sample_rng, sample_seed
+from mmclip.data.collate import RawSample, SampleProcessor, collate, empty_batch, sample_rng, sample_seed
 from mmclip.data.loader import ResumableLoader
+from mmclip.data.quality import SkipStats
 
-__all__ = ["StreamDataset", "StreamLoader", "StreamSource", "shuffled"]
+__all__ = ["StreamDataset", "StreamLoader", "StreamSource", "balanced_groups", "shuffled"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +58,8 @@ class StreamSource(Protocol):
 
     ``shards`` lists them; ``source_of[i]`` is the weighted source shard ``i`` belongs to (all 0 for one
     source); ``iter_shard(i, skips)`` yields the shard's raw samples (reporting unreadable shard tails to
-    ``skips``); ``num_samples()`` is the total sample count if known, else ``None``.
+    ``skips``); ``num_samples()`` is the total sample count if known, else ``None``; an optional
+    ``shard_sizes()`` gives each shard's sample count (``None`` entries where unknown).
     """
 
     shards: Sequence[Any]
@@ -57,6 +68,34 @@ class StreamSource(Protocol):
     def iter_shard(self, index: int, skips: Any) -> Iterator[RawSample]: ...
 
     def num_samples(self) -> int | None: ...
+
+
+def _shard_sizes(source: StreamSource) -> list[int] | None:
+    """Every shard's sample count, or ``None`` if any is unknown."""
+    sizes = source.shard_sizes() if hasattr(source, "shard_sizes") else None
+    if sizes is None or any(n is None for n in sizes):
+        return None
+    return [int(n) for n in sizes]
+
+
+def balanced_groups(sizes: Sequence[int], groups: int) -> list[list[int]]:
+    """Shard indices dealt into ``groups`` groups of near-equal sample counts (largest shard first, to the
+    group with the fewest samples, ties to the lowest group): equal sizes give every ``groups``-th shard."""
+    out: list[list[int]] = [[] for _ in range(groups)]
+    totals = [0] * groups
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        g = min(range(groups), key=lambda g: (totals[g], g))
+        out[g].append(i)
+        totals[g] += sizes[i]
+    return [sorted(g) for g in out]
+
+
+def slot_supply(sizes: Sequence[int], slots: int) -> int:
+    """The most samples one slot reads in a pass (see the module docstring)."""
+    total = sum(sizes)
+    if len(sizes) < slots:
+        return -(-total // slots)
+    return max(sum(sizes[i] for i in g) for g in balanced_groups(sizes, slots))
 
 
 def shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -102,6 +141,8 @@ class StreamDataset(IterableDataset):
         weights: per-source weights (resampled mode).
         label_filter: keep only samples with a label >= 0 (classification).
         keep_captions, with_labels: as for :func:`mmclip.data.collate.collate`.
+        skip_stats: the ceiling settings (``min_samples``: a worker that reads this many samples without a
+            usable one raises :class:`DataQualityError`).
     """
 
     def __init__(
@@ -126,9 +167,11 @@ class StreamDataset(IterableDataset):
         label_filter: bool = False,
         keep_captions: bool = True,
         with_labels: bool | None = None,
+        skip_stats: SkipStats | None = None,
     ):
         self.source = source
         self.processor = processor
+        self.skip_stats = skip_stats if skip_stats is not None else SkipStats()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.train = train
@@ -147,52 +190,47 @@ class StreamDataset(IterableDataset):
         self.keep_captions = keep_captions
         self.with_labels = with_labels
 
-    def _shard_pass(self, slot: int, slots: int, pass_index: int) -> Iterator[RawSample]:
+    def _shard_pass(self, slot: int, slots: int) -> Iterator[RawSample]:
         shards = list(range(len(self.source.shards)))
-        if self.train:
-            random.Random(sample_seed(self.seed, self.epoch, "shards", pass_index)).shuffle(shards)
-        if len(shards) >= slots:
-            for i in shards[slot::slots]:
-                yield from self.source.iter_shard(i, self.processor.skips)
-        else:  # fewer shards than slots: every slot reads everything and keeps every slots-th sample
-            n = 0
-            for i in shards:
-                for sample in self.source.iter_shard(i, self.processor.skips):
-                    if n % slots == slot:
-                        yield sample
-                    n += 1
+        skips = self.processor.skips
+        if not self.train:  # evaluation: shard order as listed
+            if len(shards) >= slots:
+                for i in shards[slot::slots]:
+                    yield from self.source.iter_shard(i, skips)
+                return
+        elif len(shards) >= slots:
+            sizes = _shard_sizes(self.source)
+            groups = (
+                balanced_groups(sizes, slots)
+                if sizes is not None
+                else [shards[g::slots] for g in range(slots)]
+            )
+            rng = random.Random(sample_seed(self.seed, self.epoch, "shards"))
+            owner = list(range(slots))
+            rng.shuffle(owner)  # which group each slot reads this epoch
+            mine = list(groups[owner[slot]])
+            random.Random(sample_seed(self.seed, self.epoch, "shards", slot)).shuffle(mine)
+            for i in mine:
+                yield from self.source.iter_shard(i, skips)
+            return
+        else:
+            random.Random(sample_seed(self.seed, self.epoch, "shards")).shuffle(shards)
+        n = 0  # fewer shards than slots: every slot reads everything and keeps every slots-th sample
+        for i in shards:
+            for sample in self.source.iter_shard(i, skips):
+                if n % slots == slot:
+                    yield sample
+                n += 1
 
     def _raw(self, slot: int, slots: int) -> Iterator[RawSample]:
         if self.resampled:
             yield from self._resampled(slot)
             return
-        pass_index = 0
-        while True:
-            n = 0
-            samples = self._shard_pass(slot, slots, pass_index)
-            if self.train and self.shuffle_buffer > 1:  # per pass: a pass ends before the next starts
-                buffer_rng = random.Random(sample_seed(self.seed, self.epoch, "buffer", slot, pass_index))
-                samples = shuffled(samples, self.shuffle_buffer, buffer_rng)
-            for sample in samples:
-                n += 1
-                yield sample
-            if not self.train:
-                return
-            if n == 0:
-                raise RuntimeError(
-                    f"worker slot {slot} of {slots} got no samples in epoch {self.epoch}: the data has too few "
-                    "samples (or only unreadable shards) for world_size * num_workers slots"
-                )
-            if pass_index == 0:
-                logger.warning(
-                    "Worker slot %d of %d ran out of samples before its share of epoch %d and reads its shards "
-                    "again (some samples repeat this epoch). Use a number of equal-size shards divisible by "
-                    "world_size * num_workers, or declare a smaller epoch_length.",
-                    slot,
-                    slots,
-                    self.epoch,
-                )
-            pass_index += 1
+        samples = self._shard_pass(slot, slots)
+        if self.train and self.shuffle_buffer > 1:
+            buffer_rng = random.Random(sample_seed(self.seed, self.epoch, "buffer", slot, 0))
+            samples = shuffled(samples, self.shuffle_buffer, buffer_rng)
+        yield from samples
 
     def _resampled(self, slot: int) -> Iterator[RawSample]:
         rng = random.Random(sample_seed(self.seed, self.epoch, "resample", slot))
@@ -232,31 +270,49 @@ class StreamDataset(IterableDataset):
         else:
             yield from self._eval_batches(stream)
 
+    def _empty(self, skipped: dict[str, int]) -> ImageTextBatch:
+        length = self.tokenizer.context_length
+        size = self.processor.transform.size
+        return empty_batch(size, length, skipped, self.keep_captions, self.with_labels)
+
+    def _batch(self, items: list[Any]) -> ImageTextBatch:
+        return collate(
+            items, self.tokenizer, self.processor.skips.take(), self.keep_captions, self.with_labels
+        )
+
     def _train_batches(self, stream: Iterator[RawSample], worker: int, slot: int) -> Iterator[Any]:
         assert self.quotas is not None
-        position, built = self.offsets[worker], self.done[worker]
-        if built >= self.quotas[worker]:
+        position, built, quota = self.offsets[worker], self.done[worker], self.quotas[worker]
+        if built >= quota:
             return
         for _ in range(position):  # resume: replay the consumed part of the stream without decoding it
             next(stream, None)
         self.processor.skips.take()  # skips seen while replaying were counted before the checkpoint
         batch: list[Any] = []
+        read = usable = 0
         for raw in stream:
             position += 1
-            if self.label_filter and (raw.label is None or raw.label < 0):
-                continue
+            read += 1
             item = self.processor(raw, sample_rng(self.seed, self.epoch, slot, position - 1))
             if item is None:
+                if usable == 0 and read >= self.skip_stats.min_samples:
+                    where = f"the first {read} samples of worker slot {slot} (epoch {self.epoch})"
+                    raise self.skip_stats.nothing_usable(where, self.processor.skips.pending)
                 continue
+            usable += 1
             batch.append(item)
             if len(batch) == self.batch_size:
-                out = collate(
-                    batch, self.tokenizer, self.processor.skips.take(), self.keep_captions, self.with_labels
-                )
-                yield worker, position, out
+                yield worker, position, self._batch(batch), False
                 built, batch = built + 1, []
-                if built >= self.quotas[worker]:
+                if built >= quota:
                     return
+        # the slot's pass is over: its last samples as a short batch, then empty ones up to the quota
+        if batch:
+            yield worker, position, self._batch(batch), True
+            built += 1
+        while built < quota:
+            yield worker, position, self._empty(self.processor.skips.take()), True
+            built += 1
 
     def _eval_batches(self, stream: Iterator[RawSample]) -> Iterator[ImageTextBatch]:
         batch: list[Any] = []
@@ -278,14 +334,15 @@ class StreamDataset(IterableDataset):
 
 
 class StreamLoader(ResumableLoader):
-    """Training loader over a :class:`StreamSource`, resumable (see the module docstring).
+    """Training loader over a :class:`StreamSource`, exactly-once, resumable (see the module docstring).
 
     Args:
         source: the shards.
         processor: training sample processor.
         tokenizer: caption tokenizer.
         batch_size: samples per batch on this rank.
-        num_batches: batches per epoch on this rank.
+        num_batches: batches per epoch on this rank (a declared epoch length); ``None``: one pass over
+            the shards, planned from their sizes (which must be known).
         rank, world_size: this process's share.
         seed: base seed.
         shuffle_buffer: samples per worker shuffle buffer.
@@ -293,6 +350,7 @@ class StreamLoader(ResumableLoader):
         weights: per-source weights (resampled mode).
         num_workers, pin_memory, prefetch_factor: as for ``torch.utils.data.DataLoader``.
         keep_captions, with_labels: as for :func:`mmclip.data.collate.collate`.
+        skip_stats: see :class:`mmclip.data.loader.ResumableLoader`.
     """
 
     def __init__(
@@ -301,7 +359,7 @@ class StreamLoader(ResumableLoader):
         processor: SampleProcessor,
         tokenizer: Any,
         batch_size: int,
-        num_batches: int,
+        num_batches: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
@@ -313,13 +371,28 @@ class StreamLoader(ResumableLoader):
         prefetch_factor: int | None = None,
         keep_captions: bool = True,
         with_labels: bool | None = None,
+        skip_stats: SkipStats | None = None,
     ):
+        self.logical_workers = max(1, num_workers)
+        w = self.logical_workers
+        if num_batches is None:
+            sizes = _shard_sizes(source)
+            if sizes is None or resampled:
+                raise ValueError(
+                    "the number of training samples is unknown (for shards: no sizes.json next to them and "
+                    "they are not local files), or the shards are resampled; pass epoch_length=<samples per epoch>"
+                )
+            per_worker = -(-slot_supply(sizes, world_size * w) // batch_size)
+            quotas = [per_worker] * w
+            num_batches = per_worker * w
+        else:
+            quotas = [num_batches // w + (i < num_batches % w) for i in range(w)]
         if num_batches <= 0:
             raise ValueError(
                 f"the training epoch has {num_batches} batches per rank; declare a larger epoch_length"
             )
-        super().__init__(num_batches, batch_size, num_workers, pin_memory, prefetch_factor)
-        self.logical_workers = max(1, num_workers)
+        super().__init__(num_batches, batch_size, num_workers, pin_memory, prefetch_factor, skip_stats)
+        self.quotas = quotas
         self._kwargs = dict(
             source=source,
             processor=processor,
@@ -335,9 +408,11 @@ class StreamLoader(ResumableLoader):
             weights=weights,
             keep_captions=keep_captions,
             with_labels=with_labels,
+            skip_stats=self.skip_stats,
         )
         self.world_size = world_size
-        self._offsets = [0] * self.logical_workers
+        self._offsets = [0] * w
+        self._ended: set[int] = set()
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
@@ -352,23 +427,27 @@ class StreamLoader(ResumableLoader):
 
     def _begin_epoch(self, resume: dict[str, Any] | None) -> None:
         self._offsets = list(resume["offsets"]) if resume is not None else [0] * self.logical_workers
+        self._ended = set()
 
-    def _split(self, n: int) -> list[int]:
+    def _done(self, consumed: int) -> list[int]:
         w = self.logical_workers
-        return [n // w + (i < n % w) for i in range(w)]
+        return [consumed // w + (i < consumed % w) for i in range(w)]
 
     def _epoch_batches(self, epoch: int, consumed: int) -> Iterator[Any]:
         dataset = StreamDataset(
             epoch=epoch,
-            quotas=self._split(self.num_batches),
+            quotas=self.quotas,
             offsets=self._offsets,
-            done=self._split(consumed),
+            done=self._done(consumed),
             rotation=consumed % self.logical_workers,
             **self._kwargs,
         )
         yield from self._dataloader(dataset, batch_size=None)
 
     def _on_batch(self, item: Any) -> ImageTextBatch:
-        worker, position, batch = item
+        worker, position, batch, ended = item
         self._offsets[worker] = position
+        if ended:
+            self._ended.add(worker)
+        self._exhausted = len(self._ended) == self.logical_workers
         return batch

@@ -1,7 +1,8 @@
 """Image transforms built from an image tower's ``DataConfig``.
 
 Evaluation: resize + crop as ``data_config.resize_mode`` says ("shortest": shorter side to the target,
-bicubic, then centre crop; "squash": straight to the target size, as SigLIP; "longest": longer side to the
+bicubic, then centre crop, resizing only the kept box when the image is far from square, so the work is
+bounded by the output size; "squash": straight to the target size, as SigLIP; "longest": longer side to the
 target, then centre pad), convert to RGB, scale to [0, 1], normalise. It is tensor-exact with open_clip's
 ``image_transform(..., is_train=False)`` (same PIL operations in the same order, same float32 arithmetic).
 
@@ -22,6 +23,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from mmclip.data.quality import DEFAULT_MAX_PIXELS
 from mmclip.towers.base import DataConfig
 
 __all__ = ["ImageTransform", "image_transform", "random_resized_crop_params"]
@@ -36,6 +38,15 @@ _RESAMPLE = {
 }
 _RESIZE_MODES = ("shortest", "squash", "longest")
 _FALLBACK_RNG = random.Random()
+_DIRECT_FACTOR = 16
+"""Evaluation resizes a whole image when the resized image has at most this many times the output's pixels
+(every ordinary aspect ratio, exactly as open_clip); beyond, only the centre-crop box is resized."""
+
+
+def _guard(width: int, height: int) -> None:
+    """The hard ceiling on intermediate images (the decoder's ``max_pixels`` default)."""
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ValueError(f"an intermediate image of {width}x{height} pixels exceeds {DEFAULT_MAX_PIXELS}")
 
 
 def random_resized_crop_params(
@@ -168,6 +179,7 @@ class ImageTransform:
     def _random_resized_crop(self, img: Image.Image, rng: random.Random) -> Image.Image:
         top, left, h, w = random_resized_crop_params(img.width, img.height, self.scale, self.ratio, rng)
         out_h, out_w = self.size
+        _guard(w, h)
         return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), self.resample)
 
     def _augment(self, img: Image.Image, rng: random.Random) -> Image.Image:
@@ -195,7 +207,7 @@ class ImageTransform:
             return img.resize((out_w, out_h), self.resample)
         if self.resize_mode == "longest":
             ratio = max(h / out_h, w / out_w)
-            img = img.resize((round(w / ratio), round(h / ratio)), self.resample)
+            img = img.resize((max(1, round(w / ratio)), max(1, round(h / ratio))), self.resample)
             return self._center_crop_or_pad(img)
         if out_h == out_w:  # torchvision Resize(n): shorter side to n, longer side truncated
             short, long = min(w, h), max(w, h)
@@ -204,7 +216,16 @@ class ImageTransform:
         else:  # shorter relative side to its target, rounded (open_clip's ResizeKeepRatio)
             ratio = min(h / out_h, w / out_w)
             new_w, new_h = round(w / ratio), round(h / ratio)
-        return self._center_crop_or_pad(img.resize((new_w, new_h), self.resample))
+        if new_w * new_h <= _DIRECT_FACTOR * out_h * out_w or new_w < out_w or new_h < out_h:
+            _guard(new_w, new_h)
+            return self._center_crop_or_pad(img.resize((new_w, new_h), self.resample))
+        # A far-from-square image: resize only the box the centre crop keeps (same sampling positions as
+        # resizing all of it, without a full-size intermediate: a 600000 x 2 strip would need gigabytes).
+        top = int(round((new_h - out_h) / 2.0))
+        left = int(round((new_w - out_w) / 2.0))
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+        return img.resize((out_w, out_h), self.resample, box=box)
 
     def _center_crop_or_pad(self, img: Image.Image) -> Image.Image:
         out_h, out_w = self.size

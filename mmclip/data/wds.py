@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import IO, Any
@@ -29,11 +30,14 @@ from mmclip.data.base import ImageTextDataModule
 from mmclip.data.collate import RawSample
 from mmclip.data.quality import SkipCounter
 
-__all__ = ["ShardSource", "WebDatasetDataModule", "expand_urls", "iter_tar"]
+__all__ = ["IMAGE_KEYS", "ShardSource", "WebDatasetDataModule", "expand_urls", "iter_tar", "shard_size"]
 
 logger = logging.getLogger(__name__)
 
 ShardSpec = str | Sequence[str] | None
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+"""Default image extensions of a sample, in order of preference."""
 
 
 def expand_urls(spec: str | Sequence[str]) -> list[list[str]]:
@@ -77,30 +81,74 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+class _Counting:
+    """A read-only file wrapper that counts the bytes read through it."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.n = f, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.n += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class _NoSkips:
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        pass
+
+
+def _ignored(key: str, ext: str) -> bool:
+    return not ext or os.path.basename(key).startswith((".", "__"))
+
+
 def iter_tar(url: str, skips: SkipCounter | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one tar shard as dicts ``{"__key__": key, ext: bytes, ...}``, in file order.
 
-    A shard that cannot be opened or read to its end is reported to ``skips`` as ``corrupt_shard`` (the
-    samples before the damage are still yielded).
+    Consecutive members with the same key form a sample; a key that comes back later in the shard (or an
+    extension repeated within a sample) starts a sample marked ``"__duplicate__": True`` (skipped as
+    ``duplicate_key`` by :class:`ShardSource`). A shard that cannot be opened or read to its end (damaged
+    data, a truncated tail, a missing end-of-archive block) is reported to ``skips`` as ``corrupt_shard``;
+    the samples before the damage are still yielded, each with only its fully read members.
     """
     sample: dict[str, Any] = {}
+    seen: set[str] = set()
+
+    def start(key: str) -> dict[str, Any]:
+        new: dict[str, Any] = {"__key__": key, "__url__": url}
+        if key in seen:
+            new["__duplicate__"] = True
+        seen.add(key)
+        return new
+
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                if not ext or os.path.basename(key).startswith((".", "__")):
-                    continue
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext] = data
-    except (OSError, tarfile.TarError, EOFError) as err:
+        with _open(url) as raw:
+            counted = _Counting(raw)
+            with tarfile.open(fileobj=counted, mode="r|*") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_name(member.name)
+                    if _ignored(key, ext):
+                        continue
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if sample and (sample["__key__"] != key or ext in sample):
+                        yield sample
+                        sample = {}
+                    if not sample:
+                        sample = start(key)
+                    sample[ext] = data
+                plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
+                end = tar.offset
+            while counted.read(1 << 16):  # the rest: end-of-archive blocks and padding
+                pass
+            if plain and counted.n < end + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive block after {end} bytes (truncated)")
+    except (OSError, tarfile.TarError, EOFError, zlib.error) as err:
         if skips is not None:
             skips.skip("corrupt_shard", url, f"{type(err).__name__}: {err}")
         else:
@@ -118,14 +166,43 @@ def _sizes_json(directory: str) -> dict[str, int]:
         return {k: int(v) for k, v in json.load(f).items()}
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
 @lru_cache(maxsize=65536)
 def _count_local(path: str, mtime: float) -> int:
-    with tarfile.open(path, "r:*") as tar:  # reads headers only, seeking over member data
-        return len({_split_name(m.name)[0] for m in tar.getmembers() if m.isfile()})
+    """Samples :func:`iter_tar` yields from a local shard, from its headers only (plain tar: seeking over the
+    member data; a damaged tail ends the count where reading would end); compressed shards are read."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(_COMPRESSED_MAGIC):
+        return sum(1 for _ in iter_tar(path, _NoSkips()))  # type: ignore[arg-type]
+    size = os.path.getsize(path)
+    count, key_now, exts = 0, None, set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > size:
+                    break  # the member's data is cut off
+                key, ext = _split_name(member.name)
+                if _ignored(key, ext):
+                    continue
+                if key != key_now or ext in exts:
+                    count, key_now, exts = count + 1, key, set()
+                exts.add(ext)
+    except (OSError, tarfile.TarError, EOFError):
+        pass  # the damaged tail holds no more readable samples
+    return count
 
 
 def shard_size(url: str) -> int | None:
-    """Samples in one shard from ``sizes.json`` or by scanning a local tar; ``None`` if unknown."""
+    """Samples in one shard from ``sizes.json`` or by scanning a local tar (a damaged one counts the samples
+    before the damage); ``None`` if unknown (not a local file, or missing)."""
     path = _local_path(url)
     if path is None:
         return None
@@ -134,7 +211,7 @@ def shard_size(url: str) -> int | None:
         return known[os.path.basename(path)]
     try:
         return _count_local(path, os.path.getmtime(path))
-    except (OSError, tarfile.TarError):
+    except OSError:
         return None
 
 
@@ -152,7 +229,7 @@ class ShardSource:
     def __init__(
         self,
         spec: str | Sequence[str],
-        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        image_keys: Sequence[str] = IMAGE_KEYS,
         caption_keys: Sequence[str] = ("txt", "text", "caption"),
         json_key: str = "json",
         label_key: str = "cls",
@@ -165,18 +242,19 @@ class ShardSource:
         self.json_key = json_key
         self.label_key = label_key
 
+    def shard_sizes(self) -> list[int | None]:
+        """Samples per shard (``None`` where unknown)."""
+        return [shard_size(url) for url in self.shards]
+
     def num_samples(self) -> int | None:
-        total = 0
-        for url in self.shards:
-            n = shard_size(url)
-            if n is None:
-                return None
-            total += n
-        return total
+        sizes = self.shard_sizes()
+        return None if any(n is None for n in sizes) else sum(sizes)  # type: ignore[arg-type]
 
     def to_raw(self, sample: dict[str, Any]) -> RawSample:
-        """Map a tar sample dict onto a :class:`RawSample`."""
+        """Map a tar sample dict onto a :class:`RawSample` (a duplicate key is a ``duplicate_key`` skip)."""
         key = sample["__key__"]
+        if sample.get("__duplicate__"):
+            return RawSample(key, None, None, skip="duplicate_key")
         image = next((sample[k] for k in self.image_keys if k in sample), None)
         captions: Any = next((sample[k] for k in self.caption_keys if k in sample), None)
         label = None
@@ -232,7 +310,7 @@ class WebDatasetDataModule(ImageTextDataModule):
         resampled: bool = False,
         shuffle_buffer: int = 1000,
         has_labels: bool = False,
-        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        image_keys: Sequence[str] = IMAGE_KEYS,
         caption_keys: Sequence[str] = ("txt", "text", "caption"),
         json_key: str = "json",
         label_key: str = "cls",
@@ -273,7 +351,7 @@ class WebDatasetDataModule(ImageTextDataModule):
             "weights": self.train_weights,
         }
 
-    def _stream_num_batches(self, source: Any, world_size: int) -> int:
+    def _stream_num_batches(self, source: Any, world_size: int) -> int | None:
         if self.epoch_length is not None:
             return self.epoch_length // (world_size * self.batch_size)
         return super()._stream_num_batches(source, world_size)

@@ -157,7 +157,7 @@ class ShardsSource:
     def __init__(
         self,
         path: str | Sequence[str],
-        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"),
         caption_keys: Sequence[str] = ("txt", "text", "caption"),
         json_key: str = "json",
         label_key: str = "cls",
@@ -194,13 +194,18 @@ class ShardsSource:
     def iter_range(self, start: int, end: int, skips: SkipCounter) -> Iterator[tuple[int, RawSample]]:
         from mmclip.data.wds import iter_tar
 
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        for t in range(max(first, 0), len(self.counts)):
+        first = max(int(np.searchsorted(self.offsets, start, side="left")) - 1, 0)
+        for t in range(first, len(self.counts)):
             offset = int(self.offsets[t])
+            if self.counts[t] == 0:  # no positions; read it where it sits, so a damaged one is counted
+                if start <= offset < end or offset == end == len(self):
+                    for _ in iter_tar(self.shards.shards[t], skips):
+                        pass
+                continue
+            if offset + self.counts[t] <= start:
+                continue
             if offset >= end:
                 return
-            if self.counts[t] == 0:
-                continue
             for j, sample in enumerate(iter_tar(self.shards.shards[t], skips)):
                 if j >= self.counts[t]:
                     logger.warning(
@@ -477,6 +482,8 @@ class EmbedDataset(IterableDataset):
 
     def _prepare(self, raw: RawSample, skips: SkipCounter) -> Any:
         try:
+            if raw.skip is not None:  # e.g. a duplicate key in a shard
+                raise SkipSample(raw.skip)
             if self.source.modality == "text":
                 return decode_caption(raw.captions)
             img = _decode_image(raw.image, max_pixels=self.max_pixels)

@@ -3,6 +3,7 @@ the random state for exact resume, and the model record that makes a checkpoint 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -26,6 +27,7 @@ class TrainingTask(pl.LightningModule):
         self.optimizer_spec: dict[str, Any] = {}
         self.scheduler_spec: dict[str, Any] = {}
         self._throughput = Throughput()
+        self._rng_base: int | None = None  # see on_train_batch_start
 
     # ---- optimisation ------------------------------------------------------------------------------
     def optimized_module(self) -> nn.Module:
@@ -63,11 +65,37 @@ class TrainingTask(pl.LightningModule):
         if rate is not None:
             self.log("train/samples_per_sec", rate, rank_zero_only=True)
 
-    # ---- exact resume: the global random state (dropout, patch dropout) ------------------------------
+    # ---- exact resume: the random state (dropout, patch dropout) -------------------------------------
+    # Each training batch draws from the global generators seeded by (base seed, epoch, batch, step, rank):
+    # what ran between two steps (DataLoader iterators drawing their base seed, validation, callbacks) can
+    # no longer shift a step's dropout masks, so a resumed run repeats the uninterrupted one bit for bit.
+    # The base seed is the global seed at the first fit (``seed_everything``) and travels in the checkpoint,
+    # with the global state itself (what draws between steps, e.g. an epoch's new iterator, stays in step).
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_base is None:  # the first batch of a fresh fit
+            self._rng_base = int(torch.initial_seed())
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        torch.manual_seed(_step_seed(self._rng_base, self.current_epoch, batch_idx, self.global_step, rank))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmclip_rng"] = {"torch": torch.get_rng_state()}
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "base": self._rng_base}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["mmclip_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mmclip_rng")
-        if state is not None:
-            torch.set_rng_state(state["torch"])
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state.get("base") is not None:
+            self._rng_base = int(state["base"])
+        cuda = state.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _step_seed(*parts: int) -> int:
+    """A 63-bit seed from ``parts``, the same in every process (blake2b, not Python's salted ``hash``)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import tarfile
 import zlib
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -101,3 +103,91 @@ def expected_counts(items: list[tuple[RawSample, str | None]]) -> dict[str, int]
         if reason is not None:
             counts[reason] = counts.get(reason, 0) + 1
     return counts
+
+
+# ------------------------------------------------------------------ a hostile corpus for whole data modules
+def strip_png(width: int, height: int) -> bytes:
+    """A gray PNG of ``width`` x ``height`` (a 600000 x 2 strip is about 1.2 KB)."""
+    return encode(Image.new("L", (width, height), 128))
+
+
+def gif_image() -> bytes:
+    img = Image.new("P", (12, 10), 0)
+    img.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
+    img.paste(1, (0, 0, 6, 10))
+    return encode(img, "GIF")
+
+
+def hostile_corpus(n_good: int = 24, bytes_captions: bool = True) -> list[tuple[RawSample, str | None]]:
+    """Good samples with every kind of damage spread between them, and the skip reason of each.
+
+    ``None`` means usable (after conversion: CMYK, 16-bit, palette with transparency, EXIF rotation, GIF,
+    WebP, a 20000 x 2 strip, a 100 KB caption, a caption with a NUL inside).
+    """
+    conv = convertible_images()
+    odd: list[tuple[str, Any, Any, str | None]] = [
+        ("truncated", truncated_jpeg(), "truncated", "truncated_image"),
+        ("zero", b"", "zero bytes", "empty_file"),
+        ("textjpg", b"this is text, named .jpg", "text", "not_an_image"),
+        ("bomb", forged_png(30000, 30000), "bomb", "too_large"),
+        ("corrupt", corrupt_png(), "corrupt", "corrupt_image"),
+        ("strip", strip_png(20000, 2), "a long gray strip", None),
+        ("cmyk", conv["cmyk"], "cmyk", None),
+        ("gray16", conv["gray16"], "16 bit", None),
+        ("palette", conv["palette_alpha"], "palette with transparency", None),
+        ("exif", conv["exif_rotated"], "rotated", None),
+        ("gif", gif_image(), "a gif", None),
+        ("webp", encode(noise_image(16, 3), "WEBP"), "a webp", None),
+        ("capempty", None, "", "empty_caption"),
+        ("capspace", None, " \t  ", "empty_caption"),
+        ("capnul", None, "\x00\x00", "empty_caption"),
+        ("capnulin", None, "a\x00cat", None),
+        ("caphuge", None, "word " * 20000, None),
+        ("capmissing", None, None, "missing_caption"),
+    ]
+    if bytes_captions:
+        odd.append(("caplatin1", None, b"caf\xe9 \xff", "bad_caption_encoding"))
+    items: list[tuple[RawSample, str | None]] = []
+    for i in range(max(n_good, len(odd))):
+        if i < n_good:
+            items.append((RawSample(f"good{i:03d}", encode(noise_image(20, i)), [f"good sample {i}"]), None))
+        if i < len(odd):
+            name, image, caption, reason = odd[i]
+            image = encode(noise_image(20, 100 + i)) if image is None else image
+            items.append((RawSample(f"odd-{name}", image, caption), reason))
+    return items
+
+
+def image_ext(data: bytes) -> str:
+    """The member extension a writer would give these bytes (text becomes ``.jpg``, on purpose)."""
+    if data.startswith(b"GIF8"):
+        return "gif"
+    if data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    return "jpg"
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain tar of ``(name, data)`` members, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sample_members(raw: RawSample) -> list[tuple[str, bytes]]:
+    """Tar members of one sample: ``{key}.{ext}`` for the image, ``{key}.txt`` for the caption if any."""
+    out = []
+    if raw.image is not None:
+        out.append((f"{raw.key}.{image_ext(raw.image)}", raw.image))
+    cap = raw.captions
+    if isinstance(cap, list):
+        cap = cap[0]
+    if cap is not None:
+        out.append((f"{raw.key}.txt", cap if isinstance(cap, bytes) else cap.encode("utf-8")))
+    return out

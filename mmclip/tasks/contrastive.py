@@ -10,7 +10,13 @@ import torch
 from mmclip.data.batch import ImageTextBatch
 from mmclip.losses.accumulation import cached_feature_step
 from mmclip.models.dual_encoder import DualEncoder
-from mmclip.models.factory import CHECKPOINT_MODEL_KEY, load_weights, merge_config, resolve_model
+from mmclip.models.factory import (
+    CHECKPOINT_MODEL_KEY,
+    describes_architecture,
+    load_weights,
+    merge_config,
+    resolve_model,
+)
 from mmclip.registry import LOSSES
 from mmclip.tasks.base import TrainingTask
 from mmclip.tokenizers import get_tokenizer
@@ -26,7 +32,8 @@ class ContrastiveTask(TrainingTask):
     Args:
         model: any model source (``mmclip.create_model``): a named config (``mmclip models``), a spec dict, an
             mmclip / HF / OpenCLIP directory, a hub id, an ``hf-hub:`` repo, a ``.ckpt``, or a ``DualEncoder``
-            built in code; None with both tower specs builds the model from them. A source with weights (directory, hub, checkpoint) loads them when a fresh fit
+            built in code; None with both tower specs builds the model from them, and None with a
+            ``pretrained`` directory, hub id or checkpoint takes the whole model from it. A source with weights (directory, hub, checkpoint) loads them when a fresh fit
             starts. The resolved spec is what the checkpoint records, so ``load_from_checkpoint`` needs
             neither hydra nor the original directory. A ``DualEncoder`` whose towers were passed as modules
             has no spec: its checkpoints reload with ``load_from_checkpoint(path, model=the_same_model)``.
@@ -74,6 +81,8 @@ class ContrastiveTask(TrainingTask):
         overrides = {k: v for k, v in merge_config(dict(model_kwargs or {}), towers).items() if v != {}}
         if model is None and image_tower and text_tower:
             model = {}  # the tower specs (and model_kwargs) are the whole spec
+        elif model is None and pretrained is not None and describes_architecture(pretrained):
+            model, pretrained = pretrained, None  # a directory, hub id or checkpoint is the whole model
         if model is None:
             raise ValueError(
                 "ContrastiveTask needs a model source (a name, spec, directory, hub id, .ckpt or DualEncoder). "

@@ -81,6 +81,18 @@ def test_create_model_and_tokenizer_match_the_reference(sources, kind):
     assert batch.shape == (2, 3, 32, 32) and train_pre(image).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("kind", ["hf_dir", "checkpoint"])
+def test_task_without_a_model_takes_a_self_describing_pretrained_source(sources, kind):
+    from mmclip.tasks import ContrastiveTask
+
+    src = sources[kind]
+    task = ContrastiveTask(model=None, pretrained=src.source, optimizer={"lr": 0.0, "weight_decay": 0.0})
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, datamodule=FakeDataModule(n=8, batch_size=8))
+    _assert_same(task.model, task.tokenizer, src)
+
+
 def test_unknown_sources_say_what_went_wrong(sources, tmp_path):
     with pytest.raises(FileNotFoundError, match="nobody/nothing"):
         mmclip.create_model("nobody/nothing")  # not in the offline cache: the repo is named
@@ -94,9 +106,11 @@ def test_unknown_sources_say_what_went_wrong(sources, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_contrastive_task_fits_from_every_source(sources, kind):
+    from mmclip.tasks import ContrastiveTask
+
     src = sources[kind]
     source = copy.deepcopy(src.source) if kind == "instance" else src.source
-    task = mmclip.tasks.ContrastiveTask(
+    task = ContrastiveTask(
         model=source, pretrained=src.pretrained, optimizer={"lr": 0.0, "weight_decay": 0.0}
     )
     trainer = pl.Trainer(
@@ -109,28 +123,30 @@ def test_contrastive_task_fits_from_every_source(sources, kind):
     # the checkpoint rebuilds the task without the source (no hydra, no directory, no instance)
     path = Path(trainer.default_root_dir) / f"{kind}.ckpt"
     trainer.save_checkpoint(path)
-    again = mmclip.tasks.ContrastiveTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    again = ContrastiveTask.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     _assert_same(again.model, again.tokenizer, src)
     path.unlink()
 
 
 def test_instance_checkpoint_reloads_from_its_config_and_towers_from_modules_say_how(sources, tmp_path):
+    from mmclip.tasks import ContrastiveTask
+
     src = sources["instance"]
-    task = mmclip.tasks.ContrastiveTask(model=copy.deepcopy(src.source))
+    task = ContrastiveTask(model=copy.deepcopy(src.source))
     trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_progress_bar=False)
     trainer.strategy.connect(task)
     trainer.save_checkpoint(tmp_path / "spec.ckpt")
-    again = mmclip.tasks.ContrastiveTask.load_from_checkpoint(tmp_path / "spec.ckpt", weights_only=True)
+    again = ContrastiveTask.load_from_checkpoint(tmp_path / "spec.ckpt", weights_only=True)
     _assert_same(again.model, again.tokenizer, src)
     # towers passed as modules: no spec to rebuild from; the error says what to do
     tower = mmclip.IMAGE_TOWERS.build({"name": "clip_vit", "image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "heads": 2})
     loose = mmclip.DualEncoder(tower, {"name": "clip_text", "width": 64, "heads": 2, "layers": 1}, embed_dim=32)
-    task = mmclip.tasks.ContrastiveTask(model=loose)
+    task = ContrastiveTask(model=loose)
     trainer.strategy.connect(task)
     trainer.save_checkpoint(tmp_path / "loose.ckpt")
     with pytest.raises(ValueError, match="load_from_checkpoint\\(path, model=the_same_model\\)"):
-        mmclip.tasks.ContrastiveTask.load_from_checkpoint(tmp_path / "loose.ckpt", weights_only=True)
-    again = mmclip.tasks.ContrastiveTask.load_from_checkpoint(tmp_path / "loose.ckpt", model=loose, weights_only=True)
+        ContrastiveTask.load_from_checkpoint(tmp_path / "loose.ckpt", weights_only=True)
+    again = ContrastiveTask.load_from_checkpoint(tmp_path / "loose.ckpt", model=loose, weights_only=True)
     assert again.model is loose
     with pytest.raises(Exception, match="built in code"):
         mmclip.create_model(tmp_path / "loose.ckpt")

@@ -111,8 +111,8 @@ def _hub_snapshot(repo: str) -> Path:
             else "check the repo id and your network / token"
         )
         raise FileNotFoundError(
-            f"cannot get the Hugging Face hub repo {repo!r} ({type(err).__name__}: {err}); {hint}, or pass a "
-            "local directory instead"
+            f"{repo!r} is no local file or directory, and the Hugging Face hub repo of that name cannot be had "
+            f"({type(err).__name__}: {err}); {hint}, or pass a local directory instead"
         ) from err
 
 

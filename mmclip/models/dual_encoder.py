@@ -14,11 +14,19 @@ from torch import nn
 from mmclip.layers.projection import build_projection
 from mmclip.outputs import DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, TEXT_TOWERS
+from mmclip.towers.base import check_images
 
 __all__ = ["DualEncoder"]
 
 CONFIG_NAME = "mmclip_config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+def _check_image_batch(images: torch.Tensor, tower: nn.Module) -> None:
+    """Channels-last and integer image batches get an error naming the fix, whatever the tower (towers that
+    take other inputs, e.g. precomputed (B, D) features, are left to their own checks)."""
+    if images.ndim == 4:
+        check_images(images, tower)
 
 
 def _build_tower(tower: nn.Module | dict[str, Any], registry: Any) -> tuple[nn.Module, dict[str, Any] | None]:
@@ -72,6 +80,8 @@ class DualEncoder(nn.Module):
         keep_tower_outputs: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+            raise ValueError(f"embed_dim must be a positive integer (the shared embedding width), got {embed_dim!r}")
         self.image_tower, image_spec = _build_tower(image_tower, IMAGE_TOWERS)
         self.text_tower, text_spec = _build_tower(text_tower, TEXT_TOWERS)
         self.embed_dim = embed_dim
@@ -121,6 +131,7 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, E) embeddings."""
+        _check_image_batch(images, self.image_tower)
         x = self.image_proj(self.image_tower(images).pooled)  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -136,6 +147,7 @@ class DualEncoder(nn.Module):
         image_out: TowerOutput | None = None
         text_out: TowerOutput | None = None
         if images is not None:
+            _check_image_batch(images, self.image_tower)
             image_out = self.image_tower(images)
             image_embeds = F.normalize(self.image_proj(image_out.pooled), dim=-1)  # (B, E)
         else:

@@ -27,7 +27,16 @@ from torch import nn
 from mmclip.layers.norm import freeze_batch_norm
 from mmclip.outputs import TowerOutput
 
-__all__ = ["OPENAI_MEAN", "OPENAI_STD", "DataConfig", "Tower", "BaseTower", "resolve_layer_indices"]
+__all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "DataConfig",
+    "Tower",
+    "BaseTower",
+    "check_images",
+    "check_token_ids",
+    "resolve_layer_indices",
+]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,6 +75,57 @@ def resolve_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:
             raise IndexError(f"layer index {i} is out of range for {num_layers} layers")
         resolved.append(j)
     return resolved
+
+
+def check_images(images: torch.Tensor, tower: nn.Module, channels: int = 3) -> None:
+    """Raises on image batches a tower cannot take, naming the fix: not 4-d, channels-last (B, H, W, C) and
+    integer pixels (uint8). Shape and dtype only: no host-device sync; skipped while compiling.
+
+    Args:
+        images: the batch given to the tower.
+        tower: the image tower (its name and ``data_config`` go into the message).
+        channels: the channels the tower takes.
+    """
+    if torch.compiler.is_compiling():
+        return
+    name = type(tower).__name__
+    if images.ndim != 4:
+        hint = ": add the batch dimension with images.unsqueeze(0)" if images.ndim == 3 else ""
+        raise ValueError(f"{name} takes (B, {channels}, H, W) image batches, got shape {tuple(images.shape)}{hint}")
+    if images.shape[1] != channels and images.shape[-1] == channels:
+        B, H, W, C = images.shape
+        raise ValueError(
+            f"{name} takes channels-first images (B, {channels}, H, W), got {tuple(images.shape)}, which looks "
+            f"channels-last (B, H, W, C): permute it with images.permute(0, 3, 1, 2) to ({B}, {C}, {H}, {W})"
+        )
+    if not images.is_floating_point():
+        dc = getattr(tower, "data_config", None)
+        norm = f" (mean={tuple(dc.mean)}, std={tuple(dc.std)})" if dc is not None else ""
+        raise TypeError(
+            f"{name} takes float images normalised as its data_config says{norm}, got {images.dtype} pixels: "
+            "convert and normalise them, e.g. (images.float() / 255 - mean) / std, or preprocess with the "
+            "model's transforms (mmclip.create_model_and_transforms / mmclip.data.image_transform)"
+        )
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, tower: nn.Module, bounds: tuple[int, int]) -> None:
+    """Raises when token ids fall outside ``[0, vocab_size)``, which an embedding lookup answers with an
+    index error on CPU and a device-side assert (a dead process) on GPU.
+
+    Args:
+        ids: (B, L) token ids.
+        vocab_size: the tower's vocabulary size.
+        tower: the text tower (its name goes into the message).
+        bounds: the ids' (min, max), read by the caller (which decides when a host sync is affordable).
+    """
+    low, high = bounds
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{type(tower).__name__} has a vocabulary of {vocab_size} tokens (ids 0..{vocab_size - 1}), got ids "
+            f"from {low} to {high}: the tokenizer does not match the model (tokenize with the model's own "
+            "tokenizer, mmclip.get_tokenizer(model source), or build the tower with its vocab_size); negative "
+            "ids are never valid (padding is the tokenizer's pad id)"
+        )
 
 
 @runtime_checkable

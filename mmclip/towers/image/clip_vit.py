@@ -21,7 +21,14 @@ from mmclip.layers.pooling import build_pooler
 from mmclip.layers.transformer import Transformer
 from mmclip.outputs import TowerOutput
 from mmclip.registry import IMAGE_TOWERS
-from mmclip.towers.base import OPENAI_MEAN, OPENAI_STD, BaseTower, DataConfig, resolve_layer_indices
+from mmclip.towers.base import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    BaseTower,
+    DataConfig,
+    check_images,
+    resolve_layer_indices,
+)
 
 __all__ = ["ClipVisionTransformer", "resample_pos_embed"]
 
@@ -151,6 +158,7 @@ class ClipVisionTransformer(BaseTower):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, P + N, D) tokens entering the blocks."""
+        check_images(x, self, self.patch_embed.in_channels)
         if x.shape[-2:] != self.image_size:
             raise ValueError(
                 f"{type(self).__name__} expects images of {self.image_size[0]}x{self.image_size[1]}, got "

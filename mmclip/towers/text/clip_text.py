@@ -19,7 +19,7 @@ from mmclip.layers.pooling import build_pooler
 from mmclip.layers.transformer import Transformer
 from mmclip.outputs import TowerOutput
 from mmclip.registry import TEXT_TOWERS
-from mmclip.towers.base import BaseTower, resolve_layer_indices
+from mmclip.towers.base import BaseTower, check_token_ids, resolve_layer_indices
 
 __all__ = ["ClipTextTransformer"]
 
@@ -112,9 +112,15 @@ class ClipTextTransformer(BaseTower):
             )
         B = ids.shape[0]
         index = self.pool_index(ids) if self.pool is None else None  # (B,)
-        if self.trim and index is not None and B > 0 and not torch.compiler.is_compiling():
-            # one host sync per batch for (77 - L) / 77 less compute; compiled graphs keep a fixed length
-            ids = ids[:, : int(index.max()) + 1]
+        trim = self.trim and index is not None and B > 0 and not torch.compiler.is_compiling()
+        if trim or (ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling()):
+            # Token ids are checked where reading them is free (CPU) or rides on the trim's host sync (one per
+            # batch for (77 - L) / 77 less compute); compiled graphs keep a fixed length and skip both.
+            stats = [ids.min(), ids.max()] + ([index.max()] if trim else [])
+            low, high, *end = torch.stack(stats).tolist()
+            check_token_ids(ids, self.vocab_size, self, (low, high))
+            if trim:
+                ids = ids[:, : end[0] + 1]
         L = ids.shape[1]
         x = self.token_embed(ids) + self.pos_embed[:L].to(self.token_embed.weight.dtype)  # (B, L, D)
         return x, ids, index

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from mmclip.losses.distributed import EXCHANGES, batch_sizes
+from mmclip.losses.distributed import EXCHANGES, batch_sizes, world
 from mmclip.outputs import DualEncoderOutput
 
-__all__ = ["ContrastiveLoss", "clamp_logit_scale_"]
+__all__ = ["ContrastiveLoss", "EmptyBatchError", "clamp_logit_scale_"]
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,11 @@ def clamp_logit_scale_(logit_scale: torch.Tensor, max_scale: float = 100.0) -> N
         logit_scale.clamp_(0.0, math.log(max_scale))
 
 
+class EmptyBatchError(ValueError):
+    """No image-text pair in the step on any process (every rank raises it together); a training task skips
+    the step."""
+
+
 class ContrastiveLoss(nn.Module):
     """Base class: ``loss(output)`` reads a ``DualEncoderOutput`` by field name and returns a dict with ``loss``.
 
@@ -32,8 +37,12 @@ class ContrastiveLoss(nn.Module):
     Args:
         exchange: how negatives are shared across processes (see ``mmclip.losses.distributed``).
         max_logit_scale: temperature policy: the largest ``exp(logit_scale)`` allowed, or None.
-        check_inputs: also check that features and scales are finite and that every process brings the same
-            batch size (host-device syncs and a collective: debugging only).
+        check_inputs: also check that features and scales are finite (host-device syncs: debugging only).
+
+    A loss that exchanges features across processes first all-gathers every rank's batch size (one integer
+    each), so ranks may bring different sizes (the short batches at the end of an exactly-once epoch, an empty
+    one included) and the loss stays the full-batch loss: each rank's share is weighted by its rows. A step
+    with no pair on any process raises :class:`EmptyBatchError` on every rank.
     """
 
     supported_exchanges: tuple[str, ...] = ()
@@ -73,13 +82,34 @@ class ContrastiveLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The loss terms from raw tensors: (B, E) normalised features, scalar scale (and bias)."""
         x, y = self.validate(image_embeds, text_embeds, logit_scale, logit_bias)
+        sizes = self.rank_sizes(x.shape[0], x.device)
         bias = None if logit_bias is None else logit_bias.to(x.dtype)
         # the loss runs in fp32 (or wider) even inside an autocast region of the training step
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._compute(x, y, logit_scale.to(x.dtype), bias)
+            return self._compute(x, y, logit_scale.to(x.dtype), bias, sizes)
+
+    def rank_sizes(self, n: int, device: torch.device) -> list[int]:
+        """Every rank's batch size (one tiny all-gather when features are exchanged, else ``[n]``).
+
+        Raises:
+            EmptyBatchError: no pair on any rank (raised on every rank together).
+        """
+        sizes = batch_sizes(n, device) if self.exchange != "local" and world()[1] > 1 else [n]
+        if sum(sizes) == 0:
+            raise EmptyBatchError(
+                f"{type(self).__name__} got an empty batch on every process: a contrastive loss needs at "
+                "least one image-text pair per step (check the data loader and the skips that emptied it)"
+            )
+        return sizes
+
+    @staticmethod
+    def share(sizes: list[int]) -> float:
+        """``W / B``: the factor that turns this rank's summed loss into its share of the full-batch mean,
+        so that the average over ranks (DDP's gradient average) is the full-batch loss whatever each brings."""
+        return len(sizes) / sum(sizes)
 
     def _compute(
-        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -108,6 +138,11 @@ class ContrastiveLoss(nn.Module):
             )
         if logit_scale.numel() != 1 or (logit_bias is not None and logit_bias.numel() != 1):
             raise ValueError("logit_scale and logit_bias must be scalars")
+        if image_embeds.shape[0] == 0 and world()[1] == 1:
+            raise EmptyBatchError(
+                f"{type(self).__name__} got an empty batch (0 pairs): a contrastive loss needs at least one "
+                "image-text pair per step (check the data loader and the skips that emptied the batch)"
+            )
         if self.check_inputs:
             for name, t in (
                 ("image_embeds", image_embeds),
@@ -120,12 +155,5 @@ class ContrastiveLoss(nn.Module):
                         f"{name} has non-finite values (NaN or inf): check the learning rate, "
                         "mixed precision and the inputs of this step"
                     )
-        if self.check_inputs:
-            sizes = batch_sizes(image_embeds.shape[0], image_embeds.device)
-            if len(set(sizes)) > 1:
-                raise ValueError(
-                    f"every process must bring the same batch size, got {sizes}: "
-                    "use drop_last=True (or equal shards) in the data loader"
-                )
         # the loss is computed in fp32 (or wider) whatever the towers ran in
         return _at_least_fp32(image_embeds), _at_least_fp32(text_embeds)

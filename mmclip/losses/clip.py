@@ -42,28 +42,37 @@ class ClipLoss(ContrastiveLoss):
         self.label_smoothing = label_smoothing
 
     def _compute(
-        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, logit_bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+        sizes: list[int],
     ) -> dict[str, torch.Tensor]:
         b = x.shape[0]
         rank, size = world()
+        norm = 1.0 / max(b, 1)  # mean over the rows this rank scores
         if self.exchange == "gather" and size > 1:
-            all_x, all_y = gather_with_grad(x), gather_with_grad(y)  # (B, D)
+            all_x, all_y = gather_with_grad(x, sizes), gather_with_grad(y, sizes)  # (B, D)
             if self.local_loss:
                 logits_i2t = scale * x @ all_y.T  # (b, B)
                 logits_t2i = scale * y @ all_x.T  # (b, B)
-                labels = torch.arange(b, device=x.device) + rank * b
+                labels = torch.arange(b, device=x.device) + sum(sizes[:rank])
+                norm = self.share(sizes)  # this rank's rows' share of the full-batch mean
             else:
                 logits_i2t = scale * all_x @ all_y.T  # (B, B)
                 logits_t2i = logits_i2t.T
                 labels = torch.arange(all_x.shape[0], device=x.device)
+                norm = 1.0 / all_x.shape[0]
         else:
             logits_i2t = scale * x @ y.T  # (b, b)
             logits_t2i = logits_i2t.T
             labels = torch.arange(b, device=x.device)
         if logit_bias is not None:
             logits_i2t, logits_t2i = logits_i2t + logit_bias, logits_t2i + logit_bias
-        loss_i2t = F.cross_entropy(logits_i2t, labels, label_smoothing=self.label_smoothing)
-        loss_t2i = F.cross_entropy(logits_t2i, labels, label_smoothing=self.label_smoothing)
+        smoothing = self.label_smoothing
+        loss_i2t = F.cross_entropy(logits_i2t, labels, label_smoothing=smoothing, reduction="sum") * norm
+        loss_t2i = F.cross_entropy(logits_t2i, labels, label_smoothing=smoothing, reduction="sum") * norm
         with torch.no_grad():  # logging terms on the local block, O(b D)
             pos = scale * (x * y).sum(-1)  # (b,)
             neg_sum = scale * (x.sum(0) @ y.sum(0)) - pos.sum()
@@ -73,6 +82,6 @@ class ClipLoss(ContrastiveLoss):
             "loss_i2t": loss_i2t.detach(),
             "loss_t2i": loss_t2i.detach(),
             "logit_scale": scale.detach(),
-            "pos_logit_mean": pos.mean(),
+            "pos_logit_mean": pos.sum() / max(b, 1),
             "neg_logit_mean": neg,
         }

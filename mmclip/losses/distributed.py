@@ -51,7 +51,7 @@ def batch_sizes(n: int, device: torch.device) -> list[int]:
         return [n]
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
     dist.all_gather(sizes, torch.tensor([n], device=device))
-    return [int(t) for t in sizes]
+    return torch.cat(sizes).tolist()  # one device-to-host copy
 
 
 def average_over_processes(tensors: list[torch.Tensor]) -> None:
@@ -91,14 +91,46 @@ class _GatherWithGrad(torch.autograd.Function):
         return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gathers (b, D) features from every rank into (W * b, D), rank order, keeping gradients.
+class _GatherUneven(torch.autograd.Function):
+    """all_gather of per-rank row counts that differ: rows are padded to the largest count for the
+    collective and the padding dropped; backward pads the gradient the same way before the reduction."""
 
-    Every rank must pass the same b (a loss with ``check_inputs=True`` verifies it).
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:  # type: ignore[override]
+        rank, size = world()
+        most = max(sizes)
+        ctx.rank, ctx.sizes, ctx.most = rank, sizes, most
+        padded = x.new_zeros((most, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        out = torch.empty((size * most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather(list(out.chunk(size)), padded)
+        return torch.cat([out[r * most : r * most + n] for r, n in enumerate(sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        size, most = len(ctx.sizes), ctx.most
+        padded = grad.new_zeros((size * most, *grad.shape[1:]))
+        start = 0
+        for r, n in enumerate(ctx.sizes):
+            padded[r * most : r * most + n] = grad[start : start + n]
+            start += n
+        dist.all_reduce(padded)
+        return padded[ctx.rank * most : ctx.rank * most + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """All-gathers (b_r, D) features from every rank into (sum b_r, D), rank order, keeping gradients.
+
+    Args:
+        x: this rank's rows.
+        sizes: every rank's row count (``batch_sizes``) when they may differ, e.g. at the end of an epoch
+            with skipped samples; None when every rank passes the same count.
     """
     if world()[1] == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    if sizes is None or len(set(sizes)) == 1:
+        return _GatherWithGrad.apply(x)
+    return _GatherUneven.apply(x, tuple(sizes))
 
 
 def _buffer(like: torch.Tensor) -> torch.Tensor:

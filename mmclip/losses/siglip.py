@@ -27,7 +27,7 @@ __all__ = ["SigLipLoss", "siglip_block"]
 def _block_terms(x, y, scale, bias, pos_offset: int | None, chunk: int | None, grads: bool):
     """Summed loss of one block and, when ``grads``, its gradients for x, y, scale and bias."""
     rows = x.shape[0]
-    step = rows if not chunk else chunk
+    step = max(rows if not chunk else chunk, 1)  # (an empty block of rows: no chunk to compute)
     acc = torch.float64  # scalar sums in fp64: the loss stays exact to ~1e-7 even over millions of pairs
     total = x.new_zeros((), dtype=acc)
     gx = torch.zeros_like(x) if grads else None
@@ -173,7 +173,12 @@ class SigLipLoss(ContrastiveLoss):
         self.chunk_size = chunk_size
 
     def _compute(
-        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        sizes: list[int],
     ) -> dict[str, torch.Tensor]:
         if bias is None:
             raise ValueError(
@@ -182,22 +187,27 @@ class SigLipLoss(ContrastiveLoss):
             )
         b = x.shape[0]
         rank, size = world()
-        if self.exchange == "gather" and size > 1:
+        norm = 1.0 / max(b, 1)
+        exchange = self.exchange
+        if size > 1 and exchange != "local" and len(set(sizes)) > 1:
+            exchange = "gather"  # ranks bring different sizes (an epoch's last batches): gather this step
+        if exchange == "gather" and size > 1:
             total = siglip_block(
-                x, gather_with_grad(y), scale, bias, pos_offset=rank * b, chunk_size=self.chunk_size
+                x, gather_with_grad(y, sizes), scale, bias, pos_offset=sum(sizes[:rank]), chunk_size=self.chunk_size
             )
-        elif self.exchange == "ring" and size > 1:
+            norm = self.share(sizes)
+        elif exchange == "ring" and size > 1:
             total = _SigLipRing.apply(x, y, scale, bias, self.chunk_size, _wants_grad(x, y, scale, bias))
         else:
             total = siglip_block(x, y, scale, bias, pos_offset=0, chunk_size=self.chunk_size)
-            if self.exchange == "bidir_ring":
+            if exchange == "bidir_ring":
                 for shard in ring_shards(y, bidirectional=True):
                     total = total + siglip_block(
                         x, shard, scale, bias, pos_offset=None, chunk_size=self.chunk_size
                     )
-        loss = total / b
+        loss = total * norm
         with torch.no_grad():
-            pos = (scale * (x * y).sum(-1) + bias).mean()
+            pos = (scale * (x * y).sum(-1) + bias).sum() / max(b, 1)
         return {
             "loss": loss,
             "logit_scale": scale.detach(),

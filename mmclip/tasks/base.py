@@ -46,15 +46,38 @@ class TrainingTask(pl.LightningModule):
 
     # ---- logging -----------------------------------------------------------------------------------
     def count_skips(self, batch: ImageTextBatch) -> None:
-        """Adds the batch's skipped samples to the data module's counts (which raise past the skip ceiling)
-        and logs the total as ``data/skipped`` and each reason as ``data/skipped/<reason>``."""
+        """Checks the data module's skip ceiling and logs its counts: ``data/skipped``, ``data/skip_fraction``
+        and ``data/skipped/<reason>`` (the training loaders count every batch they yield; a data module
+        without such a loader has its counts added here)."""
         stats = getattr(getattr(self._trainer, "datamodule", None), "skip_stats", None)
         if stats is None:
             return
-        stats.update(batch.skipped, len(batch))
-        self.log("data/skipped", float(stats.total_skipped), on_step=True, reduce_fx="max")
-        for reason, count in sorted(stats.counts.items()):
-            self.log(f"data/skipped/{reason}", float(count), on_step=True, reduce_fx="max")
+        stats.update(batch.skipped, len(batch))  # raises when the skipped fraction passes its ceiling
+        self.log_dict(stats.as_dict(), on_step=True, reduce_fx="max")
+
+    def skip_update(self) -> torch.Tensor | None:
+        """Skips this step's parameter update on every rank (call it when every rank decided the same way,
+        e.g. no pair on any process): None in one process; with several, a zero loss so the gradient
+        reduction still meets, and :meth:`on_before_optimizer_step` drops the gradients, so the optimizer
+        leaves the weights and its state alone, as in one process."""
+        self._skip_update = True
+        return self.empty_batch_step()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if getattr(self, "_skip_update", False):
+            self._skip_update = False
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def empty_batch_step(self) -> torch.Tensor | None:
+        """What ``training_step`` returns for a batch without samples (an exactly-once epoch's last batches
+        may be short or empty on some ranks): None, skipping the step, in one process; with several, a zero
+        loss joined to every trainable parameter, so the ranks' gradient reduction still meets."""
+        if self.trainer.world_size == 1:
+            return None
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.reshape(-1)[:1].sum() for p in params]).sum() * 0.0
 
     def log_lr(self, batch_size: int) -> None:
         if self._trainer is not None and self.trainer.optimizers:

@@ -306,7 +306,7 @@ class CaptioningTask(TrainingTask):
         ids, mask = self._targets(captions)
         return self.model(images, ids, mask).loss
 
-    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor | None:
         if batch.captions is None:
             raise ValueError(
                 "captioning needs the caption strings in batches: set the data module's keep_captions"
@@ -316,6 +316,8 @@ class CaptioningTask(TrainingTask):
                 f"training batches carry one caption per image; got {len(batch.captions)} for {len(batch)} images"
             )
         self.count_skips(batch)
+        if len(batch) == 0:
+            return self.empty_batch_step()
         loss = self(batch.images, batch.captions)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
         self.log_lr(len(batch))

@@ -9,6 +9,7 @@ import torch
 
 from mmclip.data.batch import ImageTextBatch
 from mmclip.losses.accumulation import cached_feature_step
+from mmclip.losses.base import EmptyBatchError
 from mmclip.models.dual_encoder import DualEncoder
 from mmclip.models.factory import (
     CHECKPOINT_MODEL_KEY,
@@ -161,12 +162,17 @@ class ContrastiveTask(TrainingTask):
     # ---- training ----------------------------------------------------------------------------------
     def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor | None:
         self.count_skips(batch)
-        if self.hparams.micro_batch_size is not None:
-            losses = self._accumulated_step(batch)
-        else:
-            output = self.model(batch.images, batch.input_ids)
-            losses = self.loss(output)
-        self._log_scalars(losses, len(batch))
+        if len(batch) == 0 and self.trainer.world_size == 1:
+            return None  # no sample left in this batch: skip the step
+        try:  # with several processes the loss weighs each rank's rows, an empty share included
+            if self.hparams.micro_batch_size is not None:
+                losses = self._accumulated_step(batch)
+            else:
+                losses = self.loss(self.model(batch.images, batch.input_ids))
+        except EmptyBatchError:  # no sample on any rank: every rank skips the update together
+            return None if not self.automatic_optimization else self.skip_update()
+        if len(batch):
+            self._log_scalars(losses, len(batch))
         return losses["loss"] if self.automatic_optimization else None
 
     def _accumulated_step(self, batch: ImageTextBatch) -> dict[str, torch.Tensor]:

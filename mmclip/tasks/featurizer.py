@@ -303,7 +303,7 @@ class FeaturizerTask(TrainingTask):
         self.count_skips(batch)
         images, labels = self._labelled(batch)
         if len(labels) == 0:
-            return None  # nothing labelled in this batch: no step
+            return self.empty_batch_step()  # nothing labelled in this batch
         out = self(images)
         n = len(labels)
         if self.hparams.head == "classify":

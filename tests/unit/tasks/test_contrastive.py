@@ -1,4 +1,5 @@
 import math
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -118,3 +119,82 @@ def test_patch_dropout_needs_a_vit():
     with pytest.raises(ValueError, match="patch_dropout"):
         ContrastiveTask("tiny-resnet", patch_dropout=0.5)
     assert ContrastiveTask("tiny-vit", patch_dropout=0.5).model.image_tower.patch_dropout == 0.5
+
+
+# ---- the short and empty batches at the end of an exactly-once epoch ---------------------------------
+def _batches(sizes: list[int], seed: int) -> list:
+    from mmclip.data.batch import ImageTextBatch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        ids = torch.randint(1, 49406, (n, 6), generator=g)
+        ids[:, -1] = 49407
+        out.append(ImageTextBatch(torch.randn(n, 3, 32, 32, generator=g), ids, [f"k{seed}-{i}" for i in range(n)]))
+    return out
+
+
+def _as_is(batch):
+    return batch
+
+
+class _RankBatches(pl.LightningDataModule):
+    """Each rank's batches: equal, then unequal, then one rank empty, then every rank empty."""
+
+    SIZES = {0: [4, 4, 3, 0], 1: [4, 2, 0, 0]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip_stats = None
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        rank = self.trainer.global_rank
+        batches = _batches(self.SIZES[rank] if self.trainer.world_size > 1 else [4, 0, 3], seed=rank)
+        return DataLoader(batches, batch_size=None, collate_fn=_as_is)
+
+
+class _RecordSteps(pl.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if len(batch) == 0:  # an empty batch leaves the weights as they were (one process, or all ranks empty)
+            changed = any(not torch.equal(a, p) for a, p in zip(self.before, pl_module.parameters(), strict=True))
+            self.empty_changed = changed  # the last empty batch's step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        finite = all(torch.isfinite(p).all() for p in pl_module.parameters())
+        total = sum(float(p.double().sum()) for p in pl_module.parameters())
+        with open(f"{self.out}.{trainer.global_rank}", "w") as f:
+            f.write(f"{trainer.global_step} {finite} {total!r} {getattr(self, 'empty_changed', None)}")
+
+
+def test_an_empty_batch_is_a_skipped_step_in_one_process(tmp_path):
+    task = ContrastiveTask("tiny-vit", optimizer={"lr": 1e-3}, scheduler={"name": None})
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[_RecordSteps(str(tmp_path / "steps"))])
+    trainer.fit(task, datamodule=_RankBatches())
+    steps, finite, _, empty_changed = (tmp_path / "steps.0").read_text().split()
+    assert (steps, finite, empty_changed) == ("3", "True", "False")  # the empty batch's step updates nothing
+
+
+def test_unequal_and_empty_rank_batches_train_under_ddp(tmp_path):
+    """Two processes whose batches differ and run out at different steps: no hang, no error, and a step
+    with no pair anywhere is skipped on both ranks together."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    task = ContrastiveTask("tiny-vit", optimizer={"lr": 1e-3}, scheduler={"name": None})
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, callbacks=[_RecordSteps(str(tmp_path / "steps"))])
+    trainer.fit(task, datamodule=_RankBatches())
+    rank0 = (tmp_path / "steps.0").read_text().split()
+    rank1 = (tmp_path / "steps.1").read_text().split()
+    assert rank0[:2] == rank1[:2] == ["4", "True"]
+    assert rank0[2] == rank1[2]  # the ranks' weights stay identical (no rank updated alone)
+    assert rank1[3] == "False"  # the last step, empty on every rank, updated nothing

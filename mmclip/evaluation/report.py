@@ -166,8 +166,10 @@ def write_report(
     thresholds = dict(thresholds or {})
     checks = {k: (metrics.get(k), v, metrics.get(k, float("-inf")) >= v) for k, v in thresholds.items()}
     passed = all(ok for _, _, ok in checks.values())
+    stats = getattr(datamodule, "skip_stats", None)  # the training data's skips, by reason
+    skipped = stats.as_dict() if stats is not None else {}
     (out / "metrics.json").write_text(
-        json.dumps({"metrics": metrics, "thresholds": thresholds, "passed": passed}, indent=2)
+        json.dumps({"metrics": metrics, "thresholds": thresholds, "passed": passed, "data": skipped}, indent=2)
     )
     curves = _plot_curves(_read_csv_metrics(loggers or []), out / "curves.png")
     lines = [
@@ -181,6 +183,12 @@ def write_report(
         mark = "" if target is None else ("pass" if value >= target else "FAIL")
         lines.append(f"| {key} | {value:.4f} | {'' if target is None else f'>= {target}'} | {mark} |")
     lines += ["", f"Result: **{'passed' if passed else 'FAILED'}**", ""]
+    if stats is not None:
+        lines += [
+            f"Training samples skipped: {stats.total_skipped} of {stats.total_skipped + stats.n_ok} "
+            f"({stats.fraction:.2%}); by reason: {stats.summary()}.",
+            "",
+        ]
     if curves:
         lines.append("![training curves](curves.png)")
     lines += ["![similarity heatmap](similarity_heatmap.png)", "![retrieval](retrieval_grid.png)", ""]

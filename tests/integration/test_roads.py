@@ -195,3 +195,37 @@ def test_hf_text_tower_from_a_directory_trains_in_train_mode_and_fits_its_positi
     task = ContrastiveTask(model=spec, tokenizer="clip")
     ids = task.tokenizer(["a caption " * 50])
     assert ids.shape == (1, 64)  # min(CLIP's 77, BERT's 64 positions), not a cryptic size error
+
+
+# ---- skips by reason, from the data to the logs and the report -----------------------------------------
+def test_skip_counts_by_reason_reach_the_training_logs_and_the_report(tmp_path):
+    import csv as csvlib
+    import json
+
+    from mmclip.data.synthetic import SyntheticShapes
+    from mmclip.data.writers import write_csv_files
+
+    train_csv = write_csv_files(SyntheticShapes("train", 120, image_size=32), tmp_path / "data", "train")
+    with open(train_csv, "a", encoding="utf-8") as f:
+        f.write("train/missing.png,a red circle,0\n")  # missing_file
+        f.write("train/extra.png,a caption,0,an extra field\n")  # malformed_row
+        f.write("train/nothing.png\n")  # malformed_row
+    (tmp_path / "data" / "train" / "empty.png").write_bytes(b"")
+    with open(train_csv, "a", encoding="utf-8") as f:
+        f.write("train/empty.png,an empty file,0\n")  # empty_file
+    val_csv = write_csv_files(SyntheticShapes("val", 16, image_size=32), tmp_path / "data", "val")
+    test_csv = write_csv_files(SyntheticShapes("test", 30, image_size=32), tmp_path / "data", "test")
+    run = tmp_path / "run"
+    model = ["model=custom", "image_tower=resnet_tiny", "image_tower.image_size=32", "text_tower=clip_text_tiny",
+             "text_tower.width=32", "text_tower.layers=1", "model.kwargs.embed_dim=32"]
+    train(compose("train", [*model, "data=csv", f"data.train_file={train_csv}", f"data.val_file={val_csv}",
+                            f"data.test_file={test_csv}", "data.batch_size=32",
+                            "data.num_workers=0", "data.max_skip_fraction=0.5", "trainer.max_steps=4",
+                            "trainer.log_every_n_steps=1", "logger=default", "report=true", f"run_dir={run}",
+                            "callbacks=none"]))
+    rows = list(csvlib.DictReader(open(next(run.rglob("metrics.csv")))))
+    logged = {k for r in rows for k, v in r.items() if v and k.startswith("data/")}
+    assert {"data/skipped/missing_file", "data/skipped/malformed_row", "data/skipped/empty_file"} <= logged, logged
+    report = json.loads((run / "report" / "metrics.json").read_text())["data"]
+    assert report["data/skipped/malformed_row"] == 2 and report["data/skipped/missing_file"] == 1
+    assert "malformed_row: 2" in (run / "report" / "summary.md").read_text()

@@ -103,8 +103,12 @@ def test_shipped_vocabulary_needs_no_open_clip(monkeypatch: pytest.MonkeyPatch) 
     assert find_clip_bpe_vocab() == tk.SHIPPED_CLIP_BPE
     import open_clip  # the dev extra's copy: the same ids
 
+    import mmclip
+
     texts = ["a photo of a dog", "Two CATS, sleeping!", "héllo 日本 😀"]
     assert torch.equal(get_tokenizer("clip")(texts), open_clip.get_tokenizer("ViT-B-32")(texts))
+    # open_clip users call the tokenizer by model name
+    assert torch.equal(mmclip.get_tokenizer("ViT-B-32")(texts), open_clip.get_tokenizer("ViT-B-32")(texts))
 
 
 def test_missing_vocabulary_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,6 @@ from mmclip.cli.recipe import RECIPES_DIR, compose, import_user_modules, plain
 __all__ = ["RECIPES_DIR", "build_task", "build_trainer", "compose", "train"]
 
 log = logging.getLogger("mmclip")
-
-_plain = plain  # the name the other commands import
-
 
 def build_task(cfg: DictConfig) -> Any:
     """The LightningModule a root recipe's ``task`` node (``_target_``) describes, with plain arguments."""
@@ -55,17 +51,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any] | None = None, loggers: 
         from mmclip.tasks.checkpoint_io import AtomicCheckpointIO
 
         plugins.append(AtomicCheckpointIO())
-    kept = []
-    for cb in callbacks or []:
-        if isinstance(cb, Mapping):  # a node without _target_: an override of a callback the group lacks
-            log.warning(
-                "callbacks: skipping %s, a setting without a _target_ (the chosen callbacks group has no such "
-                "callback, e.g. an experiment's override under callbacks=none)",
-                OmegaConf.to_yaml(cb).strip() if OmegaConf.is_config(cb) else cb,
-            )
-            continue
-        kept.append(cb)
-    return pl.Trainer(**kwargs, plugins=plugins or None, callbacks=kept, logger=loggers or False)
+    return pl.Trainer(**kwargs, plugins=plugins or None, callbacks=callbacks or [], logger=loggers or False)
 
 
 def _wants_atomic_checkpoints(strategy: Any, plugins: list[Any]) -> bool:
@@ -88,11 +74,20 @@ def _wants_atomic_checkpoints(strategy: Any, plugins: list[Any]) -> bool:
 
 
 def _instantiate_all(node: Any) -> list[Any]:
+    """Every ``_target_`` entry of a callbacks / logger node, instantiated. An entry without one (an
+    experiment's setting for a callback the chosen group lacks, e.g. under ``callbacks=none``) is skipped
+    with a warning naming it."""
     from hydra.utils import instantiate
 
-    if node is None:
-        return []
-    return [instantiate(v) for v in node.values() if v is not None]
+    out = []
+    for key, value in (node or {}).items():
+        if value is None:
+            continue
+        if "_target_" not in value:
+            log.warning("skipping %s: no such callback or logger in the chosen group, only settings for it", key)
+            continue
+        out.append(instantiate(value))
+    return out
 
 
 def _route_lightning_logs() -> None:

@@ -80,12 +80,11 @@ def model_from_recipe(cfg: DictConfig) -> tuple[Any, Any]:
     source, and the recipe's model nodes are not used; a weights file loads into the model group's
     architecture.
     """
-    from mmclip.models.factory import create_model, describes_architecture, get_tokenizer, merge_config
+    from mmclip.models.factory import create_model, describes_architecture, get_tokenizer, model_overrides
 
     node = plain(cfg.model) or {}
     checkpoint = cfg.get("checkpoint")
-    towers = {"image_tower": plain(cfg.get("image_tower")) or {}, "text_tower": plain(cfg.get("text_tower")) or {}}
-    overrides = {k: v for k, v in merge_config(dict(node.get("kwargs") or {}), towers).items() if v != {}}
+    overrides = model_overrides(node.get("kwargs"), plain(cfg.get("image_tower")), plain(cfg.get("text_tower")))
     source, pretrained = node.get("name"), checkpoint
     from_checkpoint = bool(checkpoint) and describes_architecture(str(checkpoint))
     if from_checkpoint:

@@ -37,11 +37,13 @@ __all__ = [
     "create_model",
     "create_model_and_transforms",
     "describes_architecture",
+    "model_overrides",
     "from_pretrained",
     "get_tokenizer",
     "load_weights",
     "merge_config",
     "resolve_model",
+    "weights_file_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,17 @@ def merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
         else:
             out[key] = value
     return out
+
+
+def model_overrides(
+    model_kwargs: dict[str, Any] | None = None,
+    image_tower: dict[str, Any] | None = None,
+    text_tower: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The overrides a task or recipe gives a model source: DualEncoder arguments, with tower refinements
+    inside them (a model recipe's own) refined again by the tower groups, empty ones left out."""
+    towers = {"image_tower": dict(image_tower or {}), "text_tower": dict(text_tower or {})}
+    return {k: v for k, v in merge_config(dict(model_kwargs or {}), towers).items() if v != {}}
 
 
 # ---- locating a source ----------------------------------------------------------------------------------
@@ -151,7 +164,7 @@ def _locate(source: str | os.PathLike[str]) -> tuple[str, Path | None]:
         return "file", path
     if text in MODEL_CONFIGS:
         return "named", None
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix:
+    if _is_hub_id(text):
         path = _hub_snapshot(text)
         kind = _dir_kind(path)
         if kind is None:
@@ -178,7 +191,13 @@ def describes_architecture(source: Any) -> bool:
     path = Path(text).expanduser()
     if path.is_dir() or path.suffix == ".ckpt" or text.startswith("hf-hub:"):
         return True
-    return not path.exists() and text not in MODEL_CONFIGS and text.count("/") == 1 and not path.suffix
+    return text not in MODEL_CONFIGS and _is_hub_id(text)
+
+
+def _is_hub_id(text: str) -> bool:
+    """'org/name' that is not a local path: a Hugging Face hub repo id."""
+    path = Path(text).expanduser()
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix and not path.exists()
 
 
 def _has_tokenizer_files(path: Path) -> bool:
@@ -295,19 +314,33 @@ def _spec_tokenizer(spec: dict[str, Any]) -> str:
 
 
 # ---- weights --------------------------------------------------------------------------------------------
-def _openclip_state(model: DualEncoder, path: Path) -> dict[str, torch.Tensor]:
+def weights_file_state(
+    path: str | os.PathLike[str], image_tower: str = "auto", quick_gelu: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """The mmclip-layout state dict of an OpenAI / OpenCLIP / mmclip weights file.
+
+    Args:
+        path: the file.
+        image_tower: what OpenCLIP image weights go into (see ``convert_openclip_state_dict``).
+        quick_gelu: whether the receiving model runs QuickGELU (False warns on OpenAI's files), or None.
+    """
     from mmclip.models.convert.checkpoint import load_state_dict
     from mmclip.models.convert.openclip import convert_openclip_state_dict
-    from mmclip.towers.image.clip_vit import ClipVisionTransformer
 
     state = load_state_dict(path)
     if any(k.startswith(("image_tower.", "text_tower.")) for k in state):
         return state  # already mmclip's layout
-    target = "clip_vit" if isinstance(model.image_tower, ClipVisionTransformer) else "auto"
-    converted = convert_openclip_state_dict(state, image_tower=target)
-    if "input_resolution" in state and "QuickGELU" not in {type(m).__name__ for m in model.modules()}:
+    if "input_resolution" in state and quick_gelu is False:
         logger.warning("OpenAI weights were trained with QuickGELU; use the '-quickgelu' model name")
-    return converted
+    return convert_openclip_state_dict(state, image_tower=image_tower)
+
+
+def _model_file_state(model: DualEncoder, path: Path) -> dict[str, torch.Tensor]:
+    from mmclip.towers.image.clip_vit import ClipVisionTransformer
+
+    target = "clip_vit" if isinstance(model.image_tower, ClipVisionTransformer) else "auto"
+    quick_gelu = "QuickGELU" in {type(m).__name__ for m in model.modules()}
+    return weights_file_state(path, image_tower=target, quick_gelu=quick_gelu)
 
 
 def state_dict_of(source: str | os.PathLike[str], model: DualEncoder) -> dict[str, torch.Tensor]:
@@ -325,12 +358,12 @@ def state_dict_of(source: str | os.PathLike[str], model: DualEncoder) -> dict[st
         files = [path / name for name in _OPENCLIP_WEIGHTS if (path / name).is_file()]
         if not files:
             raise FileNotFoundError(f"{path} has no {' or '.join(_OPENCLIP_WEIGHTS)}")
-        return _openclip_state(model, files[0])
+        return _model_file_state(model, files[0])
     if kind == "checkpoint":
         state = _read_checkpoint(path)["state_dict"]
         return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     if kind == "file":
-        return _openclip_state(model, path)
+        return _model_file_state(model, path)
     raise ValueError(
         f"{source!r} is a named model, not weights: pretrained takes a file, a directory, a hub id or a "
         "checkpoint (mmclip has no table of pretrained tags)"
@@ -430,7 +463,7 @@ def _resolve_for_tokenizer(source: Any) -> ResolvedModel | None:
         return None  # a tokenizer directory
     if text in MODEL_CONFIGS or path.exists() or text.startswith("hf-hub:"):
         return resolve_model(text)
-    if text.count("/") == 1:
+    if _is_hub_id(text):
         try:
             return resolve_model(text)
         except FileNotFoundError:

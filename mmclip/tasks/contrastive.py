@@ -15,7 +15,7 @@ from mmclip.models.factory import (
     CHECKPOINT_MODEL_KEY,
     describes_architecture,
     load_weights,
-    merge_config,
+    model_overrides,
     resolve_model,
 )
 from mmclip.registry import LOSSES
@@ -78,8 +78,7 @@ class ContrastiveTask(TrainingTask):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        towers = {"image_tower": image_tower or {}, "text_tower": text_tower or {}}
-        overrides = {k: v for k, v in merge_config(dict(model_kwargs or {}), towers).items() if v != {}}
+        overrides = model_overrides(model_kwargs, image_tower, text_tower)
         if model is None and image_tower and text_tower:
             model = {}  # the tower specs (and model_kwargs) are the whole spec
         elif model is None and pretrained is not None and describes_architecture(pretrained):
@@ -91,13 +90,7 @@ class ContrastiveTask(TrainingTask):
                 "ContrastiveTask.load_from_checkpoint(path, model=the_same_model)"
             )
         resolved = resolve_model(model, pretrained, **overrides)
-        if resolved.instance is not None:
-            self.model = resolved.instance
-        else:
-            self.model = DualEncoder.from_config(resolved.config)
-        # the checkpoint records the resolved spec (None for towers built in code) and where weights come from
-        self.hparams["model"] = resolved.config
-        self.hparams["pretrained"] = resolved.weights
+        self.model = resolved.instance or DualEncoder.from_config(resolved.config)
         self._model_tokenizer = resolved.tokenizer
         loss = dict(loss or {"name": "clip"})
         self.loss = LOSSES.build(loss.pop("name"), **loss)
@@ -105,7 +98,9 @@ class ContrastiveTask(TrainingTask):
         self._added_by_loss = self.loss.prepare_model(self.model)
         if self._added_by_loss:
             log.info("added %s for %s", " and ".join(self._added_by_loss), type(self.loss).__name__)
-            self.hparams["model"] = self.model.config
+        # the checkpoint records the model's spec (None for towers built in code) and where weights come from
+        self.hparams["model"] = self.model.config
+        self.hparams["pretrained"] = resolved.weights
         self.optimizer_spec = dict(optimizer or {})
         self.scheduler_spec = dict(scheduler or {})
         if patch_dropout:

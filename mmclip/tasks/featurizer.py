@@ -109,7 +109,12 @@ def build_frozen_encoder(
             ``image_tower`` spec is not used; a weights file loads its ``image_tower.*`` weights into the spec's.
         seed: seed of the random init.
     """
-    from mmclip.models.factory import describes_architecture, merge_config, resolve_model
+    from mmclip.models.factory import (
+        describes_architecture,
+        model_overrides,
+        resolve_model,
+        weights_file_state,
+    )
 
     if model is None and pretrained is not None and describes_architecture(pretrained):
         model, image_tower = pretrained, None
@@ -129,8 +134,7 @@ def build_frozen_encoder(
             encoder: nn.Module = IMAGE_TOWERS.build(dict(image_tower))
             weights = pretrained
         else:
-            overrides = merge_config(dict(model_kwargs or {}), {"image_tower": dict(image_tower or {})})
-            resolved = resolve_model(model, pretrained, **{k: v for k, v in overrides.items() if v != {}})
+            resolved = resolve_model(model, pretrained, **model_overrides(model_kwargs, image_tower))
             encoder = resolved.instance or DualEncoder.from_config(resolved.config)
             weights = resolved.weights
     if weights:
@@ -139,19 +143,9 @@ def build_frozen_encoder(
 
             load_weights(encoder, weights)
         else:
-            _load_tower(encoder, _weights_file_state(Path(weights)), Path(weights))
+            _load_tower(encoder, weights_file_state(weights), Path(weights))
         log.info("frozen image encoder weights loaded from %s", weights)
     return encoder
-
-
-def _weights_file_state(path: Path) -> dict[str, torch.Tensor]:
-    """An mmclip-layout state dict from an OpenAI / OpenCLIP / mmclip weights file."""
-    from mmclip.models.convert import convert_openclip_state_dict, load_state_dict
-
-    state = load_state_dict(path)
-    if any(k.startswith("image_tower.") for k in state):
-        return state
-    return convert_openclip_state_dict(state)
 
 
 class FeaturizerTask(TrainingTask):

@@ -74,12 +74,14 @@ def make_samples(n: int, seed: int = 0) -> list[RawSample]:
     return out
 
 
-def _mmclip(pattern: str, n: int, batch: int, train: bool, draft: bool, tokenizer) -> tuple[int, float]:
+def _mmclip(
+    pattern: str, n: int, batch: int, train: bool, draft: bool, tokenizer, workers: int = 0
+) -> tuple[int, float]:
     dm = WebDatasetDataModule(
         train_shards=pattern,
         val_shards=pattern,
         batch_size=batch,
-        num_workers=0,
+        num_workers=workers,
         shuffle_buffer=1000,
         data_config=DataConfig(),
         tokenizer=tokenizer,
@@ -104,7 +106,7 @@ def _open_clip_wds_compat() -> None:
 
 
 def _open_clip(
-    pattern: str, n: int, batch: int, train: bool, preprocess: dict, tokenizer
+    pattern: str, n: int, batch: int, train: bool, preprocess: dict, tokenizer, workers: int = 0
 ) -> tuple[int, float]:
     from open_clip_train.data import get_wds_dataset
 
@@ -119,7 +121,7 @@ def _open_clip(
         train_data_upsampling_factors=None,
         seed=0,
         batch_size=batch,
-        workers=0,
+        workers=workers,
         world_size=1,
     )
     info = get_wds_dataset(

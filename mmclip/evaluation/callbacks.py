@@ -4,7 +4,8 @@ Each callback runs every ``every_n_steps`` optimizer steps and/or every ``every_
 once at the end of ``fit``, on every process: each rank embeds its own shard
 (``trainer.datamodule.retrieval_dataloader(split, rank, world_size)`` /
 ``classification_dataloader(...)``), the metrics sync across ranks and every rank gets the
-single-process result. The model is ``pl_module.model`` (a ``DualEncoder``), run under
+single-process result. The model is ``pl_module.eval_model`` (a ``DualEncoder``: the EMA weights when the
+task keeps them, else ``pl_module.model``), run under
 ``torch.no_grad()`` in eval mode (each submodule's train/eval flag is restored after), its towers under
 the trainer's mixed-precision autocast (similarities, logits and the probe in full precision). Results are logged as ``{prefix}/{metric}`` (e.g.
 ``val/retrieval/t2i_R@1``) and kept in ``callback.last_results``. Epoch-end results go through
@@ -92,7 +93,8 @@ class _PeriodicEval(pl.Callback):
         if datamodule is None:
             raise RuntimeError(f"{type(self).__name__} needs trainer.fit(..., datamodule=...)")
         shard = {"rank": trainer.global_rank, "world_size": trainer.world_size}
-        results = self.run(pl_module.model, datamodule, pl_module.device, shard, _amp_dtype(trainer))
+        model = getattr(pl_module, "eval_model", pl_module.model)
+        results = self.run(model, datamodule, pl_module.device, shard, _amp_dtype(trainer))
         if results is None:
             return None
         self.last_results = {f"{self.prefix}/{k}": float(v) for k, v in results.items()}

@@ -140,7 +140,8 @@ def write_report(
     cfg: Any = None,
     thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Evaluates ``task.model`` on the data module and writes the report folder.
+    """Evaluates ``task.eval_model`` (the EMA weights when the task keeps them) on the data module and writes
+    the report folder.
 
     Writes ``metrics.json``, ``curves.png`` (loss, logit scale, learning rate), ``similarity_heatmap.png``,
     ``retrieval_grid.png`` and ``summary.md``.
@@ -152,7 +153,7 @@ def write_report(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = task.model
+    model = getattr(task, "eval_model", task.model)
     was_training = model.training
     model.eval()
     try:

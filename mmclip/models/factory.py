@@ -360,8 +360,10 @@ def state_dict_of(source: str | os.PathLike[str], model: DualEncoder) -> dict[st
             raise FileNotFoundError(f"{path} has no {' or '.join(_OPENCLIP_WEIGHTS)}")
         return _model_file_state(model, files[0])
     if kind == "checkpoint":
-        state = _read_checkpoint(path)["state_dict"]
-        return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        checkpoint = _read_checkpoint(path)
+        state = checkpoint["state_dict"]
+        prefix = (checkpoint.get(CHECKPOINT_MODEL_KEY) or {}).get("weights", "model.")  # EMA weights when kept
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if kind == "file":
         return _model_file_state(model, path)
     raise ValueError(

@@ -1,9 +1,10 @@
 """What every mmclip task shares, written once: optimizer and schedule from specs, skip counting, samples/s,
-the random state for exact resume, and the model record that makes a checkpoint a model source."""
+the random state for exact resume, EMA weights, and the fast defaults on CUDA GPUs."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from typing import Any
 
@@ -12,10 +13,13 @@ import torch
 from torch import nn
 
 from mmclip.data.batch import ImageTextBatch
+from mmclip.tasks.accelerate import cuda_defaults
 from mmclip.tasks.optim import build_optimizer, build_scheduler
 from mmclip.tasks.throughput import Throughput
 
 __all__ = ["TrainingTask"]
+
+log = logging.getLogger(__name__)
 
 
 class TrainingTask(pl.LightningModule):
@@ -28,6 +32,56 @@ class TrainingTask(pl.LightningModule):
         self.scheduler_spec: dict[str, Any] = {}
         self._throughput = Throughput()
         self._rng_base: int | None = None  # see on_train_batch_start
+        self.ema: nn.Module | None = None
+
+    # ---- EMA weights ---------------------------------------------------------------------------------
+    def configure_ema(self, ema: dict[str, Any] | None) -> None:
+        """Keeps an exponential moving average of :meth:`optimized_module`'s weights (and buffers), updated
+        after every optimizer step, saved and restored with the task's state (``ema.*`` keys) and used by
+        :attr:`eval_model`. Call it in ``__init__`` after the model is built, before anything compiles it.
+
+        Args:
+            ema: None (off) or ``{"decay": 0.9999}``: ``ema = decay * ema + (1 - decay) * weights``; the first
+                update copies the weights (torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``).
+        """
+        if not ema:
+            return
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        spec = dict(ema)
+        decay = float(spec.pop("decay", 0.9999))
+        if spec:
+            raise ValueError(f"unknown ema settings {sorted(spec)}; known: ['decay']")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        self.ema = AveragedModel(
+            self.optimized_module(), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+        self.ema.requires_grad_(False)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluation uses: the EMA's when the task keeps one, else the trained model's."""
+        return self.ema.module if self.ema is not None else self.optimized_module()
+
+    def update_ema(self) -> None:
+        """One EMA step toward the current weights (called after every optimizer step)."""
+        if self.ema is not None:
+            self.ema.update_parameters(self.optimized_module())
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    # ---- set-up --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """On CUDA GPUs: TF32 for fp32 matmuls and channels-last convolutional towers (see
+        :func:`mmclip.tasks.accelerate.cuda_defaults`)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.strategy.root_device.type == "cuda":
+            done = cuda_defaults(self)
+            if done:
+                log.info("CUDA defaults: %s", ", ".join(done))
 
     # ---- optimisation ------------------------------------------------------------------------------
     def optimized_module(self) -> nn.Module:

@@ -285,6 +285,7 @@ class CaptioningTask(TrainingTask):
         return self._data_tokenizer
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         pretrained = self.hparams.image_pretrained
         if stage == "fit" and pretrained and getattr(self.trainer, "ckpt_path", None) is None:
             from mmclip.models.factory import create_model

@@ -19,6 +19,7 @@ from mmclip.models.factory import (
     resolve_model,
 )
 from mmclip.registry import LOSSES
+from mmclip.tasks.accelerate import compile_options, pad_text_for_compile
 from mmclip.tasks.base import TrainingTask
 from mmclip.tokenizers import get_tokenizer
 
@@ -56,6 +57,15 @@ class ContrastiveTask(TrainingTask):
         grad_checkpointing: recompute activations in backward to save memory.
         micro_batch_size: contrastive-correct accumulation: the batch is embedded in chunks of this size
             and the gradient equals that of the whole batch (``mmclip.losses.cached_feature_step``).
+        compile: ``torch.compile`` the model: true, a mode (``"default"``, ``"reduce-overhead"``,
+            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``) or a dict of ``torch.compile`` arguments.
+            The state dict keeps its keys, so checkpoints are the same with and without.
+        text_pad_multiple: under compile, captions are trimmed to the longest one rounded up to this multiple
+            (at most one recompile); None keeps the tokenizer's full length (no recompile). Eager runs trim
+            each batch to its longest caption regardless.
+        ema: ``{"decay": 0.9999}`` keeps EMA weights (``TrainingTask.configure_ema``): saved and resumed with
+            the checkpoint, used for validation and the report, and what the checkpoint gives as a model
+            source.
     """
 
     def __init__(
@@ -75,6 +85,9 @@ class ContrastiveTask(TrainingTask):
         patch_dropout: float = 0.0,
         grad_checkpointing: bool = False,
         micro_batch_size: int | None = None,
+        compile: bool | str | dict[str, Any] = False,
+        text_pad_multiple: int | None = None,
+        ema: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -120,6 +133,11 @@ class ContrastiveTask(TrainingTask):
             if micro_batch_size < 1:
                 raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
             self.automatic_optimization = False
+        self.configure_ema(ema)  # before compiling: the average is an eager copy
+        self._compiled = compile_options(compile)
+        if self._compiled is not None:  # each tower in place: the state dict keeps its keys, and every road
+            self.model.image_tower.compile(**self._compiled)  # through the towers (forward, encode_*,
+            self.model.text_tower.compile(**self._compiled)  # micro-batches) runs compiled
         self._tokenizer = None
 
     # ---- pieces the rest of the system asks for ----------------------------------------------------
@@ -144,6 +162,7 @@ class ContrastiveTask(TrainingTask):
         return self._tokenizer
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.hparams.micro_batch_size is not None and str(self.trainer.precision).startswith("16"):
             raise ValueError(
                 "micro_batch_size is not supported with 16-mixed precision; use bf16-mixed or 32"
@@ -163,12 +182,17 @@ class ContrastiveTask(TrainingTask):
             if self.hparams.micro_batch_size is not None:
                 losses = self._accumulated_step(batch)
             else:
-                losses = self.loss(self.model(batch.images, batch.input_ids))
+                losses = self.loss(self.model(batch.images, self._text_ids(batch.input_ids)))
         except EmptyBatchError:  # no sample on any rank: every rank skips the update together
             return None if not self.automatic_optimization else self.skip_update()
         if len(batch):
             self._log_scalars(losses, len(batch))
         return losses["loss"] if self.automatic_optimization else None
+
+    def _text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return ids  # eager text towers trim each batch themselves
+        return pad_text_for_compile(ids, self.model.text_tower, self.hparams.text_pad_multiple)
 
     def _accumulated_step(self, batch: ImageTextBatch) -> dict[str, torch.Tensor]:
         opt = self.optimizers()
@@ -181,6 +205,7 @@ class ContrastiveTask(TrainingTask):
             self.clip_gradients(opt, gradient_clip_val=clip_val, gradient_clip_algorithm="norm")
         opt.step()
         self.loss.clamp_(self.model.logit_scale)
+        self.update_ema()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -209,7 +234,7 @@ class ContrastiveTask(TrainingTask):
         first.scatter_reduce_(0, index, order, reduce="amin", include_self=False)
         if (first < 0).any():
             return  # an image without captions: nothing to pair it with
-        output = self.model(batch.images, batch.input_ids[first])
+        output = self.eval_model(batch.images, batch.input_ids[first])
         losses = self.loss(output)
         self.log("val/loss", losses["loss"], sync_dist=True, batch_size=len(batch))
 
@@ -219,4 +244,5 @@ class ContrastiveTask(TrainingTask):
         checkpoint[CHECKPOINT_MODEL_KEY] = {
             "config": self.model.config,
             "tokenizer": self.hparams.tokenizer or self._model_tokenizer,
+            "weights": "ema.module." if self.ema is not None else "model.",  # the state-dict prefix to load
         }

@@ -66,9 +66,14 @@ def build_optimizer(
     eps: float = 1e-6,
     image_lr: float | None = None,
     text_lr: float | None = None,
+    fused: bool | None = None,
     **kwargs: float,
 ) -> torch.optim.Optimizer:
     """The optimizer over ``param_groups(model, ...)``; defaults are the CLIP paper's ViT settings.
+
+    Args:
+        fused: Adam / AdamW's fused kernel (one launch for every parameter). None: on when every trainable
+            parameter is on a CUDA device, off elsewhere (the foreach kernel).
 
     Raises:
         ValueError: unknown optimizer name, or no trainable parameter.
@@ -80,7 +85,9 @@ def build_optimizer(
         raise ValueError("the model has no trainable parameter: both towers locked, projections included?")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, **kwargs)
-    return _OPTIMIZERS[name](groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+    if fused is None:
+        fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"])
+    return _OPTIMIZERS[name](groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None, **kwargs)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, shape: str) -> float:

@@ -74,8 +74,22 @@ def test_siglip_through_the_cli_trains_and_the_loss_falls(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
+# ---- compile and EMA through the CLI -----------------------------------------------------------------------
+def test_compiled_training_with_ema_through_the_cli_writes_a_checkpoint_of_the_average(tmp_path):
+    run = _cli(["train", *SHAPES_TINY, "trainer.max_steps=4", "task.compile=true", "task.text_pad_multiple=8",
+                "task.ema={decay: 0.5}", "callbacks=basic", f"run_dir={tmp_path}"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (last,) = tmp_path.rglob("last.ckpt")
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert int(state["ema.n_averaged"]) == 4
+    model = mmclip.create_model(str(last))  # the checkpoint as a model source gives the EMA weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[f"ema.module.{key}"]), key
+
+
 # ---- FSDP ------------------------------------------------------------------------------------------------
 def test_fsdp_recipe_instantiates_its_strategy():
+    import timm.models.vision_transformer
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -85,11 +99,21 @@ def test_fsdp_recipe_instantiates_its_strategy():
     kwargs = instantiate(cfg.trainer, _convert_="all")
     strategy = kwargs["strategy"]
     assert isinstance(strategy, FSDPStrategy)
-    policy = strategy.kwargs["auto_wrap_policy"]  # one wrap unit per transformer block
-    assert set(policy._module_classes) == {TransformerBlock}
+    policy = strategy.kwargs["auto_wrap_policy"]  # one wrap unit per block of every tower mmclip builds
+    assert {TransformerBlock, timm.models.vision_transformer.Block} <= set(policy._module_classes)
+    assert strategy._state_dict_type == "sharded"  # each rank writes its shard
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA GPUs"):
             build_trainer(cfg)
+
+
+def test_ddp_recipe_instantiates_buckets_as_gradient_views():
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = instantiate(compose("train", ["trainer=ddp"]).trainer, _convert_="all")["strategy"]
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs == {"gradient_as_bucket_view": True, "static_graph": False}
 
 
 def test_fsdp_on_a_cpu_machine_stops_with_a_clear_message(tmp_path):

@@ -142,3 +142,37 @@ def test_ema_settings_are_checked():
         _task(ema={"decay": 1.5})
     with pytest.raises(ValueError, match="unknown ema settings"):
         _task(ema={"decay": 0.9, "every": 2})
+
+
+# ---- the fast defaults -------------------------------------------------------------------------------------
+def test_fused_adamw_is_chosen_for_cuda_parameters_only():
+    model = torch.nn.Linear(4, 4)
+    assert not build_optimizer(model).defaults["fused"]  # CPU parameters: the foreach kernel
+    assert build_optimizer(model, fused=True).defaults["fused"] is True  # asked for explicitly
+    if torch.cuda.is_available():
+        assert build_optimizer(model.cuda()).defaults["fused"] is True
+
+
+def test_cuda_defaults_turn_convolutional_towers_channels_last_and_leave_vits(monkeypatch):
+    from mmclip.models.factory import create_model
+    from mmclip.tasks.accelerate import cuda_defaults
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        convnet = create_model("tiny-convnext")
+        vit = create_model("tiny-vit")
+        images = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            before = convnet.encode_image(images)
+        done = cuda_defaults(convnet)
+        assert "TF32 matmuls" in done and torch.get_float32_matmul_precision() == "high"
+        assert convnet.image_tower.channels_last
+        assert all(p.is_contiguous(memory_format=torch.channels_last)
+                   for p in convnet.image_tower.parameters() if p.ndim == 4)
+        with torch.no_grad():  # the same embeddings in the other layout
+            torch.testing.assert_close(convnet.encode_image(images), before, atol=1e-5, rtol=1e-4)
+        assert not any(name.startswith("channels-last") for name in cuda_defaults(vit))
+    finally:
+        torch.set_float32_matmul_precision(precision)

@@ -401,7 +401,11 @@ def section_fsdp(args: argparse.Namespace, device: torch.device, out: dict) -> l
         (saved,) = Path(tmp, "first").glob("*.ckpt")
         files = sorted(p.name for p in saved.iterdir()) if saved.is_dir() else [saved.name]
         resumed, _ = fit(4, tmp + "/resumed", ckpt=str(saved))
+        import mmclip
+
+        loads = mmclip.create_model(str(saved)) is not None  # the sharded directory as a model source
     return [{"fit_4_steps_s": seconds, "checkpoint_is_directory": saved.is_dir(), "checkpoint_files": files,
+             "loads_as_model_source": loads,
              "straight_losses": straight, "resumed_losses": first + resumed,
              "resume_exact": first + resumed == straight,
              "max_abs_loss_diff": max(abs(a - b) for a, b in zip(first + resumed, straight, strict=True))}]

@@ -8,7 +8,8 @@ A *model source* is any of
   OpenCLIP directory (``open_clip_config.json`` + ``open_clip_model.safetensors``);
 - a Hugging Face hub id (``"openai/clip-vit-base-patch32"``) or an OpenCLIP hub repo
   (``"hf-hub:timm/ViT-B-16-SigLIP"``), fetched through ``huggingface_hub``'s cache (offline when cached);
-- a Lightning training checkpoint (``.ckpt``) of a task that holds a dual encoder;
+- a Lightning training checkpoint (``.ckpt``, or the directory of a sharded one) of a task that holds a dual
+  encoder;
 - a ``DualEncoder`` instance.
 
 :func:`resolve_model` turns a source into a :class:`ResolvedModel` (architecture spec, where its weights
@@ -52,6 +53,7 @@ OPENCLIP_CONFIG = "open_clip_config.json"
 _OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
+SHARDED_META = "meta.pt"  # Lightning's sharded checkpoints keep everything but the tensors there
 CHECKPOINT_MODEL_KEY = "mmclip_model"  # what a task writes into its Lightning checkpoints to be a source
 
 
@@ -129,9 +131,16 @@ def _hub_snapshot(repo: str) -> Path:
         ) from err
 
 
+def _is_sharded_checkpoint(path: Path) -> bool:
+    """A sharded Lightning checkpoint (``trainer=fsdp``): ``torch.distributed.checkpoint`` shards + ``meta.pt``."""
+    return (path / SHARDED_META).is_file() and (path / ".metadata").is_file()
+
+
 def _dir_kind(path: Path) -> str | None:
     from mmclip.models.convert.hf import is_hf_model_dir
 
+    if _is_sharded_checkpoint(path):
+        return "checkpoint"
     if (path / CONFIG_NAME).is_file():
         return "mmclip"
     if (path / OPENCLIP_CONFIG).is_file():
@@ -204,11 +213,29 @@ def _has_tokenizer_files(path: Path) -> bool:
     return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
+def _read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint directory as one checkpoint dict: ``meta.pt`` plus the model's shards gathered in
+    this process (no process group needed)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = full["model"]
+    return checkpoint
+
+
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     from mmclip.models.convert.checkpoint import CheckpointError
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_dir():
+            checkpoint = _read_sharded_checkpoint(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file and the fix
         raise CheckpointError(
             f"cannot read {path} as a weights-only Lightning checkpoint ({err}); mmclip never unpickles "

@@ -176,3 +176,25 @@ def test_cuda_defaults_turn_convolutional_towers_channels_last_and_leave_vits(mo
         assert not any(name.startswith("channels-last") for name in cuda_defaults(vit))
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+# ---- sharded checkpoints as model sources ------------------------------------------------------------------
+def test_a_sharded_checkpoint_directory_is_a_model_source(tmp_path):
+    """The layout ``trainer=fsdp`` writes (``torch.distributed.checkpoint`` shards of ``{"model": state_dict,
+    "optimizer_0": ...}`` and the rest in ``meta.pt``) loads as a model in one process, EMA weights included."""
+    import torch.distributed.checkpoint as dcp
+
+    import mmclip
+
+    task = _task(ema={"decay": 0.5})
+    trainer = _fit(task, 2)
+    path = tmp_path / "full.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    sharded = tmp_path / "last.ckpt"  # a directory, as FSDP writes it
+    dcp.save({"model": checkpoint.pop("state_dict"), "optimizer_0": checkpoint.pop("optimizer_states")[0]},
+             checkpoint_id=sharded, no_dist=True)
+    torch.save(checkpoint, sharded / "meta.pt")
+    model = mmclip.create_model(str(sharded))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, task.ema.module.state_dict()[key]), key

@@ -1,5 +1,6 @@
 """Torch-only building blocks shared by the towers and reuse components."""
 
+from mmclip.layers.gated_xattn import GatedCrossAttentionBlock
 from mmclip.layers.norm import FrozenBatchNorm2d, LayerNorm, freeze_batch_norm
 from mmclip.layers.perceiver import PerceiverAttention, PerceiverBlock, PerceiverResampler
 from mmclip.layers.pooling import ClsPool, LastPool, MapPool, MeanPool, build_pooler
@@ -10,6 +11,7 @@ __all__ = [
     "Attention",
     "ClsPool",
     "FrozenBatchNorm2d",
+    "GatedCrossAttentionBlock",
     "LastPool",
     "LayerNorm",
     "MapPool",

@@ -39,7 +39,7 @@ from torch import nn
 from mmclip.models.dual_encoder import DualEncoder
 from mmclip.outputs import TowerOutput
 
-__all__ = ["Featurizer", "TextFeaturizer", "FeaturizerOutput", "FrozenWeightsError"]
+__all__ = ["Featurizer", "TextFeaturizer", "FeaturizerOutput", "FrozenModule", "FrozenWeightsError"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,126 @@ def _select(model: nn.Module, modality: str | None, project: bool) -> tuple[nn.M
     return model, None, detected
 
 
-class Featurizer(nn.Module):
+class FrozenModule(nn.Module):
+    """Holds a frozen module outside the module tree (see the module docstring): no gradients, eval mode,
+    device and dtype moves forwarded, and a fingerprint of every frozen tensor as the only state-dict entry.
+    Subclasses call :meth:`hold` in ``__init__``."""
+
+    frozen: nn.Module  # set by hold(), outside the module tree
+    frozen_label: str = "module"
+
+    def hold(self, frozen: nn.Module, label: str) -> None:
+        """Freezes ``frozen`` in place and keeps it outside the module tree; ``label`` names it in messages."""
+        frozen.requires_grad_(False)
+        frozen.eval()
+        self.frozen_label = label
+        self.__dict__["frozen"] = frozen  # outside the module tree, on purpose (module docstring)
+        self.__dict__["_tensor_names"] = [name for name, _ in _named_tensors(frozen)]
+        self._update_device()
+        self.register_buffer("fingerprint", self._compute_fingerprint())
+
+    def _update_device(self) -> None:
+        first = next(self.frozen.parameters(), None)
+        self.__dict__["_device"] = first.device if first is not None else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FrozenModule:
+        """Forwards ``.to()``, ``.cuda()``, ``.half()``... to the frozen module.
+
+        A cast that changes its dtypes re-records the fingerprint; a move alone leaves it valid.
+        """
+        dtypes = [t.dtype for _, t in _named_tensors(self.frozen)]
+        self.frozen._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        self._update_device()
+        if [t.dtype for _, t in _named_tensors(self.frozen)] != dtypes:
+            logger.debug("frozen %s cast to a new dtype: fingerprint re-recorded", self.frozen_label)
+            self.fingerprint = self._compute_fingerprint().to(self.fingerprint.device)
+        return self
+
+    def _follow_device(self, device: torch.device) -> None:
+        """Moves frozen weights left on the CPU to their accelerator input (never the other way)."""
+        if self._device is None or self._device.type != "cpu" or device.type in ("cpu", "meta"):
+            return
+        logger.info(
+            "moving the frozen %s from %s to %s (its input's device)",
+            self.frozen_label,
+            self._device,
+            device,
+        )
+        self.frozen.to(device)
+        self.fingerprint = self.fingerprint.to(device)
+        self._update_device()
+
+    # ---- the guard -------------------------------------------------------------------------------
+    def _compute_fingerprint(self) -> torch.Tensor:
+        values = [_tensor_fingerprint(t).cpu() for _, t in _named_tensors(self.frozen)]
+        fingerprint = torch.stack(values) if values else torch.zeros(0, dtype=torch.int64)  # (K,)
+        return fingerprint.to(self._device or "cpu")
+
+    def record_fingerprint(self) -> None:
+        """Accepts the current frozen weights as the reference (after loading new weights on purpose)."""
+        self.__dict__["_tensor_names"] = [name for name, _ in _named_tensors(self.frozen)]
+        self.fingerprint = self._compute_fingerprint()
+
+    def _changed(self, reference: torch.Tensor) -> list[str]:
+        names = [name for name, _ in _named_tensors(self.frozen)]
+        current = self._compute_fingerprint().cpu()
+        if names != self._tensor_names or current.shape != reference.shape:
+            return ["<the set of frozen tensors>"]
+        differs = (current != reference.cpu()).tolist()
+        return [name for name, d in zip(names, differs, strict=True) if d]
+
+    def verify_unchanged(self) -> None:
+        """Raises ``FrozenWeightsError`` if any frozen parameter or buffer changed since wrapping.
+
+        One pass over the frozen weights on their device (cheap next to a training step).
+        """
+        changed = self._changed(self.fingerprint)
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise FrozenWeightsError(
+                f"{len(changed)} frozen tensor(s) of the {self.frozen_label} changed since it was "
+                f"wrapped: {shown}. Something wrote to them (an optimizer given its parameters, an "
+                "in-place init, a load_state_dict on it); rebuild it from the original "
+                "weights, or call record_fingerprint() if the change was intended."
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Checks a checkpoint's fingerprint against the frozen weights instead of loading it.
+
+        A mismatch is an error whatever ``strict`` (torch does not pass it down); to load such a
+        checkpoint anyway, drop its ``fingerprint`` key and load with ``strict=False``.
+        """
+        key = prefix + "fingerprint"
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key)
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        changed = self._changed(state_dict[key])
+        if changed:
+            error_msgs.append(
+                f"{key}: the frozen {self.frozen_label} weights differ from those the checkpoint was trained "
+                f"on ({len(changed)} tensor(s), e.g. {changed[0]}); rebuild it from the same "
+                f"pretrained weights and dtype, or drop {key!r} and load with strict=False"
+            )
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        """Sets the mode of the module's own children; the frozen module stays in eval mode."""
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+
+class Featurizer(FrozenModule):
     """A frozen tower returning pooled vectors, token features and intermediate layers.
 
     Example::
@@ -235,14 +354,9 @@ class Featurizer(nn.Module):
         self.token_dim: int = getattr(tower, "feature_dim", tower.output_dim)
 
         frozen = _FrozenEncoder(tower, proj)
-        frozen.requires_grad_(False)
-        frozen.eval()
         if self.channels_last:
             frozen.to(memory_format=torch.channels_last)
-        self.__dict__["frozen"] = frozen  # outside the module tree, on purpose (module docstring)
-        self.__dict__["_tensor_names"] = [name for name, _ in _named_tensors(frozen)]
-        self._update_device()
-        self.register_buffer("fingerprint", self._compute_fingerprint())
+        self.hold(frozen, f"{modality} featurizer")
 
     @classmethod
     def from_pretrained(cls, name: str, pretrained: str | Path | None = None, **kwargs: Any) -> Featurizer:
@@ -270,107 +384,7 @@ class Featurizer(nn.Module):
             raise AttributeError("a text featurizer has no data_config")
         return self.tower.data_config
 
-    def _update_device(self) -> None:
-        first = next(self.frozen.parameters(), None)
-        self.__dict__["_device"] = first.device if first is not None else None
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Featurizer:
-        """Forwards ``.to()``, ``.cuda()``, ``.half()``... to the frozen module.
-
-        A cast that changes its dtypes re-records the fingerprint; a move alone leaves it valid.
-        """
-        dtypes = [t.dtype for _, t in _named_tensors(self.frozen)]
-        self.frozen._apply(fn, recurse)
-        super()._apply(fn, recurse)
-        self._update_device()
-        if [t.dtype for _, t in _named_tensors(self.frozen)] != dtypes:
-            logger.debug("frozen %s tower cast to a new dtype: fingerprint re-recorded", self.modality)
-            self.fingerprint = self._compute_fingerprint().to(self.fingerprint.device)
-        return self
-
-    def _follow_device(self, device: torch.device) -> None:
-        """Moves frozen weights left on the CPU to their accelerator input (never the other way)."""
-        if self._device is None or self._device.type != "cpu" or device.type in ("cpu", "meta"):
-            return
-        logger.info(
-            "moving the frozen %s tower from %s to %s (its input's device)",
-            self.modality,
-            self._device,
-            device,
-        )
-        self.frozen.to(device)
-        self.fingerprint = self.fingerprint.to(device)
-        self._update_device()
-
-    # ---- the guard -------------------------------------------------------------------------------
-    def _compute_fingerprint(self) -> torch.Tensor:
-        values = [_tensor_fingerprint(t).cpu() for _, t in _named_tensors(self.frozen)]
-        fingerprint = torch.stack(values) if values else torch.zeros(0, dtype=torch.int64)  # (K,)
-        return fingerprint.to(self._device or "cpu")
-
-    def record_fingerprint(self) -> None:
-        """Accepts the current frozen weights as the reference (after loading new weights on purpose)."""
-        self.__dict__["_tensor_names"] = [name for name, _ in _named_tensors(self.frozen)]
-        self.fingerprint = self._compute_fingerprint()
-
-    def _changed(self, reference: torch.Tensor) -> list[str]:
-        names = [name for name, _ in _named_tensors(self.frozen)]
-        current = self._compute_fingerprint().cpu()
-        if names != self._tensor_names or current.shape != reference.shape:
-            return ["<the set of frozen tensors>"]
-        differs = (current != reference.cpu()).tolist()
-        return [name for name, d in zip(names, differs, strict=True) if d]
-
-    def verify_unchanged(self) -> None:
-        """Raises ``FrozenWeightsError`` if any frozen parameter or buffer changed since wrapping.
-
-        One pass over the frozen weights on their device (cheap next to a training step).
-        """
-        changed = self._changed(self.fingerprint)
-        if changed:
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            raise FrozenWeightsError(
-                f"{len(changed)} frozen tensor(s) of the {self.modality} featurizer changed since it was "
-                f"wrapped: {shown}. Something wrote to them (an optimizer given the tower's parameters, an "
-                "in-place init, a load_state_dict on the tower); rebuild the Featurizer from the original "
-                "weights, or call record_fingerprint() if the change was intended."
-            )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Checks a checkpoint's fingerprint against the frozen weights instead of loading it.
-
-        A mismatch is an error whatever ``strict`` (torch does not pass it down); to load such a
-        checkpoint anyway, drop its ``fingerprint`` key and load with ``strict=False``.
-        """
-        key = prefix + "fingerprint"
-        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k != key)
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        changed = self._changed(state_dict[key])
-        if changed:
-            error_msgs.append(
-                f"{key}: the frozen {self.modality} weights differ from those the checkpoint was trained on "
-                f"({len(changed)} tensor(s), e.g. {changed[0]}); rebuild the Featurizer from the same "
-                f"pretrained weights and dtype, or drop {key!r} and load with strict=False"
-            )
-
     # ---- forward ---------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> Featurizer:
-        """Sets the mode of the Featurizer's own children; the frozen module stays in eval mode."""
-        super().train(mode)
-        self.frozen.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> FeaturizerOutput:
         """Features of a batch.
 

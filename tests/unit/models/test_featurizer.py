@@ -256,7 +256,7 @@ def test_state_dict_holds_only_the_fingerprint_and_checks_it_on_load() -> None:
 
     other = _Parent(Featurizer(_image_tower("clip_vit", seed=2)[0]))
     for strict in (True, False):
-        with pytest.raises(RuntimeError, match="frozen image weights differ"):
+        with pytest.raises(RuntimeError, match="frozen image featurizer weights differ"):
             other.load_state_dict(state, strict=strict)
     state.pop("featurizer.fingerprint")  # the documented way to load it anyway
     result = other.load_state_dict(state, strict=False)

@@ -28,6 +28,9 @@ commands:
                      caption images (files or folders) with a captioning checkpoint: JSON lines
                      (--strategy greedy|beam|nucleus, --out FILE); train one with
                      `mmclip train -cn caption experiment=caption_shapes`
+  vlm CKPT IMAGES... --prompt TEXT
+                     answer a prompt about images with a vision-language checkpoint (one <image>
+                     marker per image); train one with `mmclip train -cn vlm experiment=vlm_shapes`
 """
 
 
@@ -112,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmclip.cli.caption import main as caption_main
 
         return caption_main(rest)
+    if command == "vlm":
+        from mmclip.cli.vlm import main as vlm_main
+
+        return vlm_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

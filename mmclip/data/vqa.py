@@ -1,12 +1,17 @@
 """Interleaved image-text data for vision-language models: questions about the synthetic shapes scenes.
 
 Each example is a sequence of chunks ``<image>question: Q answer: A<|endofchunk|>``: the query chunk, after
-0-2 solved chunks of the same question type about other scenes (few-shot prompts). Question types:
+0-2 solved chunks of the same question type about other images (few-shot prompts). Question types:
 
-- ``colour``: "what colour is the circle?" -> "red" (asked of a shape that occurs once in the scene);
-- ``shape``: "what shape is the red one?" -> "circle" (asked of a colour that occurs once);
-- ``count``: "how many shapes are there?" -> "one" / "two" / "three";
-- ``position``: "where is the red circle?" -> "left", "top right", "center", ...
+- ``colour``: "what colour is the shape?" -> "red" (an image of one shape);
+- ``shape``: "what shape is this?" -> "circle" (an image of one shape);
+- ``count``: "how many shapes are there?" -> "one" / "two" / "three" (a scene of 1-3 shapes);
+- ``position``: "where is the shape?" -> "left", "top right", "center", ... (an image of one shape).
+
+Colour, shape and position are asked of single-shape images. In a scene of several shapes ("what colour is
+the circle?") the answer needs the language model to carry the question to the answer's position, which a
+two-block LM trained only on this text does not do: measured on such questions, colour reached 0.72 exact
+match after 800 steps with the demo's image tower, and single-shape colour 0.99 after 400.
 
 Every example is drawn from its own seed (split, index), so a split is the same on every run and every
 worker. The query types cycle through the four types, so an evaluation split is balanced.
@@ -14,7 +19,6 @@ worker. The query types cycle through the four types, so an evaluation split is 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,22 +44,17 @@ def _place(o: ShapeObject) -> str:
     return " ".join(w for w in words if w not in ("in", "on", "at", "the", "corner"))
 
 
-def ask(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
-    """A question of type ``qtype`` about ``scene`` and its answer."""
-    objects = list(scene.objects)
+def ask(scene: Scene, qtype: str) -> tuple[str, str]:
+    """A question of type ``qtype`` about ``scene`` and its answer (colour, shape, position: its first shape)."""
+    o = scene.objects[0]
     if qtype == "count":
-        return "how many shapes are there?", _COUNTS[len(objects) - 1]
+        return "how many shapes are there?", _COUNTS[len(scene.objects) - 1]
     if qtype == "colour":
-        unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
-        o = rng.choice(unique or objects)
-        return f"what colour is the {o.shape}?", o.colour
+        return "what colour is the shape?", o.colour
     if qtype == "shape":
-        unique = [o for o in objects if sum(p.colour == o.colour for p in objects) == 1]
-        o = rng.choice(unique or objects)
-        return f"what shape is the {o.colour} one?", o.shape
+        return "what shape is this?", o.shape
     if qtype == "position":
-        o = rng.choice(objects)
-        return f"where is the {o.colour} {o.shape}?", _place(o)
+        return "where is the shape?", _place(o)
     raise ValueError(f"unknown question type {qtype!r}; known: {list(QUESTION_TYPES)}")
 
 
@@ -113,8 +112,9 @@ class ShapesQA(Dataset):
         rng = sample_rng(self.seed, self.split, "vqa", i)
         qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
         k = rng.choice(self.shots)
-        scenes = [sample_scene(rng, self.pairs) for _ in range(k + 1)]
-        qa = [ask(scene, qtype, rng) for scene in scenes]
+        n_objects = None if qtype == "count" else 1  # counts: 1-3 shapes; the rest: one shape
+        scenes = [sample_scene(rng, self.pairs, n_objects) for _ in range(k + 1)]
+        qa = [ask(scene, qtype) for scene in scenes]
         return VQAExample(scenes, [q for q, _ in qa], [a for _, a in qa], qtype)
 
     def images(self, example: VQAExample) -> torch.Tensor:

@@ -29,31 +29,32 @@ def param_groups(
     weight_decay: float,
     image_lr: float | None = None,
     text_lr: float | None = None,
+    lr_scale: dict[str, float] | None = None,
 ) -> list[dict]:
     """Trainable parameters in groups by tower and by the decay rule.
 
     Parameters with ``ndim >= 2`` (weight matrices, convolution kernels, embedding tables) decay; gains,
     biases, class tokens and the scalar ``logit_scale`` / ``logit_bias`` do not. Frozen parameters are left
     out. ``image_lr`` / ``text_lr`` (default ``lr``) apply to each tower and its projection (``image_lr`` also
-    to a ``PrefixCaptioner``'s ``image_encoder``).
+    to a ``PrefixCaptioner``'s ``image_encoder``). ``lr_scale`` multiplies the learning rate of the parameters
+    whose name contains a key (the first key that matches), in groups of their own.
     """
     lrs = {"image": image_lr or lr, "text": text_lr or lr, "other": lr}
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    names: dict[tuple[str, bool], list[str]] = {}
+    scales = dict(lr_scale or {})
+    groups: dict[tuple[str, bool, str], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (_tower_of(name), p.ndim >= 2)
-        groups.setdefault(key, []).append(p)
-        names.setdefault(key, []).append(name)
+        scaled = next((k for k in scales if k in name), "")
+        groups.setdefault((_tower_of(name), p.ndim >= 2, scaled), []).append(p)
     return [
         {
             "params": params,
-            "lr": lrs[tower],
+            "lr": lrs[tower] * scales.get(scaled, 1.0),
             "weight_decay": weight_decay if decay else 0.0,
-            "name": f"{tower}/{'decay' if decay else 'no_decay'}",
+            "name": f"{tower}/{'decay' if decay else 'no_decay'}" + (f"/{scaled}" if scaled else ""),
         }
-        for (tower, decay), params in sorted(groups.items())
+        for (tower, decay, scaled), params in sorted(groups.items())
     ]
 
 
@@ -66,12 +67,14 @@ def build_optimizer(
     eps: float = 1e-6,
     image_lr: float | None = None,
     text_lr: float | None = None,
+    lr_scale: dict[str, float] | None = None,
     fused: bool | None = None,
     **kwargs: float,
 ) -> torch.optim.Optimizer:
     """The optimizer over ``param_groups(model, ...)``; defaults are the CLIP paper's ViT settings.
 
     Args:
+        lr_scale: learning-rate multipliers by parameter-name substring (see :func:`param_groups`).
         fused: Adam / AdamW's fused kernel (one launch for every parameter). None: on when every trainable
             parameter is on a CUDA device, off elsewhere (the foreach kernel).
 
@@ -80,7 +83,7 @@ def build_optimizer(
     """
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {sorted(_OPTIMIZERS)}")
-    groups = param_groups(model, lr, weight_decay, image_lr, text_lr)
+    groups = param_groups(model, lr, weight_decay, image_lr, text_lr, lr_scale)
     if not groups:
         raise ValueError("the model has no trainable parameter: both towers locked, projections included?")
     if name == "sgd":

@@ -16,8 +16,8 @@ from mmclip.cli.train import RECIPES_DIR, compose, train
 from mmclip.data.synthetic import write_webdataset
 
 REPO = Path(__file__).resolve().parents[2]
-# experiments of other roots (featurize, caption) or needing an embedding store have their own tests
-OWN_TESTS = {"featurize_count", "featurize_score", "lit_cached", "caption_shapes"}
+# experiments of other roots (featurize, caption, vlm) or needing an embedding store have their own tests
+OWN_TESTS = {"featurize_count", "featurize_score", "lit_cached", "caption_shapes", "vlm_shapes"}
 EXPERIMENTS = sorted(p.stem for p in (RECIPES_DIR / "experiment").glob("*.yaml") if p.stem not in OWN_TESTS)
 
 # Small synthetic data and two steps: what each recipe keeps is its loss, optimizer, schedule, locks,

@@ -103,10 +103,8 @@ class _ExtendedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_new = ids >= self.num_base
         out = self.base(ids.masked_fill(is_new, 0))  # (..., D)
-        if is_new.any():
-            added = self.new((ids - self.num_base).clamp(min=0)).to(out.dtype)
-            out = torch.where(is_new.unsqueeze(-1), added, out)
-        return out
+        added = self.new((ids - self.num_base).clamp(min=0)).to(out.dtype)  # no host read of is_new
+        return torch.where(is_new.unsqueeze(-1), added, out)
 
 
 class _ExtendedHead(nn.Module):

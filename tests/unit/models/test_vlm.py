@@ -121,12 +121,10 @@ def test_cached_generation_equals_uncached(tokenizer_dir):
     plain = vlm.generate(enc["input_ids"], images, enc["attention_mask"], max_new_tokens=6, use_cache=False)
     assert cached.shape[1] >= 1 and torch.equal(cached, plain)
     # the images matter once the gates are open
-    other = vlm.generate(enc["input_ids"], torch.randn(2, 2, 3, 32, 32) * 3, enc["attention_mask"], max_new_tokens=6)
     with torch.no_grad():
         a = vlm(enc["input_ids"], images, enc["attention_mask"])
         b = vlm(enc["input_ids"], images * 3 + 1, enc["attention_mask"])
     assert not torch.allclose(a, b)
-    assert other.shape[0] == 2
 
 
 def test_only_the_bridge_trains_and_the_frozen_weights_stay_bit_identical(tokenizer_dir):

@@ -390,7 +390,8 @@ def section_fsdp(args: argparse.Namespace, device: torch.device, out: dict) -> l
         task = ContrastiveTask("ViT-B-16", optimizer={"lr": 1e-4}, scheduler={"name": None})
         trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=fsdp_strategy(), precision="bf16-mixed",
                              max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             enable_checkpointing=save, callbacks=callbacks, default_root_dir=root)
+                             enable_checkpointing=save, callbacks=callbacks, default_root_dir=root,
+                             use_distributed_sampler=False)  # Lightning's would reshuffle per epoch
         start = time.perf_counter()
         trainer.fit(task, datamodule=Data(), ckpt_path=ckpt, weights_only=True if ckpt else None)
         return record.losses, time.perf_counter() - start
@@ -400,11 +401,12 @@ def section_fsdp(args: argparse.Namespace, device: torch.device, out: dict) -> l
         first, _ = fit(2, tmp + "/first", save=True)
         (saved,) = Path(tmp, "first").glob("*.ckpt")
         files = sorted(p.name for p in saved.iterdir()) if saved.is_dir() else [saved.name]
+        is_directory = saved.is_dir()
         resumed, _ = fit(4, tmp + "/resumed", ckpt=str(saved))
         import mmclip
 
         loads = mmclip.create_model(str(saved)) is not None  # the sharded directory as a model source
-    return [{"fit_4_steps_s": seconds, "checkpoint_is_directory": saved.is_dir(), "checkpoint_files": files,
+    return [{"fit_4_steps_s": seconds, "checkpoint_is_directory": is_directory, "checkpoint_files": files,
              "loads_as_model_source": loads,
              "straight_losses": straight, "resumed_losses": first + resumed,
              "resume_exact": first + resumed == straight,

@@ -40,7 +40,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any] | None = None, loggers: 
 
     kwargs = instantiate(cfg.trainer, _convert_="all")
     strategy = kwargs.get("strategy")
-    if type(strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy") and not torch.cuda.is_available():
+    if _is_a(strategy, "FSDPStrategy", "ModelParallelStrategy") and not torch.cuda.is_available():
         raise RuntimeError(
             "trainer=fsdp shards the model over CUDA GPUs (NCCL), and this machine has none: use "
             "trainer=cpu here, or trainer=ddp for data parallel on several processes"
@@ -65,12 +65,17 @@ def _wants_atomic_checkpoints(strategy: Any, plugins: list[Any]) -> bool:
         return False
     if getattr(strategy, "_checkpoint_io", None) is not None:
         return False
-    name = type(strategy).__name__
-    if name == "FSDPStrategy" and getattr(strategy, "_state_dict_type", "full") == "sharded":
+    if _is_a(strategy, "FSDPStrategy") and getattr(strategy, "_state_dict_type", "full") == "sharded":
         return False
-    if name == "ModelParallelStrategy" and getattr(strategy, "_save_distributed_checkpoint", True):
+    if _is_a(strategy, "ModelParallelStrategy") and getattr(strategy, "_save_distributed_checkpoint", True):
         return False
     return True
+
+
+def _is_a(strategy: Any, *names: str) -> bool:
+    """Whether the strategy is one of Lightning's ``names`` or a subclass (``fsdp_strategy`` builds one),
+    without importing strategies a recipe does not use."""
+    return any(cls.__name__ in names for cls in type(strategy).__mro__)
 
 
 def _instantiate_all(node: Any) -> list[Any]:

@@ -47,13 +47,13 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.attn_gate = nn.Parameter(torch.zeros(()))
+        self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff = nn.Sequential()
         self.ff.add_module("norm", LayerNorm(dim, eps=ln_eps))
         self.ff.add_module("fc1", nn.Linear(dim, dim * ff_mult, bias=False))
         self.ff.add_module("act", nn.GELU())
         self.ff.add_module("fc2", nn.Linear(dim * ff_mult, dim, bias=False))
-        self.ff_gate = nn.Parameter(torch.zeros(()))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """

@@ -72,12 +72,12 @@ class _EagerGrad(torch.autograd.Function):
         return (*[None if g is None else grad * g for g in grads], *([None] * (len(needs) - 4)))
 
 
-def _save(ctx, x, y, gx, gy, g_scale, g_bias) -> None:
+def _save(ctx, x, y, scale, bias, gx, gy, g_scale, g_bias) -> None:
     ctx.save_for_backward(
         gx if gx is not None else x.new_empty(0),
         gy if gy is not None else y.new_empty(0),
-        g_scale.to(x.dtype),
-        g_bias.to(x.dtype),
+        g_scale.to(x.dtype).reshape(scale.shape),  # () or (1,): FSDP runs lift 0-d parameters
+        g_bias.to(x.dtype).reshape(bias.shape),
     )
 
 
@@ -87,7 +87,7 @@ class _SigLipBlock(_EagerGrad):
     @staticmethod
     def forward(ctx, x, y, scale, bias, pos_offset: int | None, chunk: int | None, grads: bool):  # type: ignore[override]
         total, gx, gy, g_scale, g_bias = _block_terms(x, y, scale, bias, pos_offset, chunk, grads)
-        _save(ctx, x, y, gx, gy, g_scale, g_bias)
+        _save(ctx, x, y, scale, bias, gx, gy, g_scale, g_bias)
         return total.to(x.dtype)
 
 
@@ -116,7 +116,7 @@ class _SigLipRing(_EagerGrad):
         if grads:
             (home,) = ring_pass([acc])  # the left neighbour holds the accumulator of this rank's shard
             gy = gy + home
-        _save(ctx, x, y, gx, gy, g_scale, g_bias)
+        _save(ctx, x, y, scale, bias, gx, gy, g_scale, g_bias)
         return total.to(x.dtype)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["block_classes", "fsdp_strategy"]
+__all__ = ["block_classes", "fsdp_strategy", "lift_scalar_parameters"]
 
 # The repeated blocks of every tower mmclip builds: FSDP shards (and checkpoints activations) one per unit.
 _BLOCKS = (
@@ -60,10 +60,38 @@ def fsdp_strategy(
         extra_blocks: further block classes to wrap, as ``"package.module:ClassName"``.
         **kwargs: passed to ``FSDPStrategy`` (``cpu_offload``, ``limit_all_gathers``, ...).
     """
-    from lightning.pytorch.strategies import FSDPStrategy
-
     blocks = block_classes(extra_blocks)
     kwargs.setdefault("auto_wrap_policy", blocks)
     if activation_checkpointing:
         kwargs.setdefault("activation_checkpointing_policy", blocks)
-    return FSDPStrategy(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, **kwargs)
+    return _strategy_class()(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, **kwargs)
+
+
+def lift_scalar_parameters(module: nn.Module) -> list[str]:
+    """Gives every 0-d parameter of ``module`` the shape (1,), in place, and returns their names.
+
+    FSDP cannot flatten 0-d parameters (a CLIP model's ``logit_scale``, SigLIP's ``logit_bias``); a (1,) one
+    broadcasts the same in every use. ``DualEncoder`` loads either shape, so the sharded checkpoints such a run
+    writes stay model sources. Run it before the optimizer is built: it replaces the parameter objects.
+    """
+    lifted = []
+    for owner_name, owner in module.named_modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                lifted_param = nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad)
+                setattr(owner, name, lifted_param)
+                lifted.append(f"{owner_name}.{name}" if owner_name else name)
+    return lifted
+
+
+def _strategy_class() -> type:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class MMClipFSDPStrategy(FSDPStrategy):
+        """FSDPStrategy that first lifts 0-d parameters to (1,) (:func:`lift_scalar_parameters`)."""
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            lift_scalar_parameters(model)
+            return super()._setup_model(model)
+
+    return MMClipFSDPStrategy

@@ -263,6 +263,9 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], strict:
         state[key] = resample_pos_embed(state[key], tower.grid_size, tower.num_prefix)
         logger.info("resampled image position embeddings %s -> %s", tuple(old), tuple(state[key].shape))
     expected = model.state_dict()
+    for k in state:  # FSDP runs save 0-d parameters (logit_scale, logit_bias) as (1,): lift_scalar_parameters
+        if k in expected and state[k].shape != expected[k].shape and state[k].numel() == 1 == expected[k].numel():
+            state[k] = state[k].reshape(expected[k].shape)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [

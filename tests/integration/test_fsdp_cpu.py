@@ -1,0 +1,111 @@
+"""trainer=fsdp's strategy through Lightning, run here on CPU (gloo, one process).
+
+Lightning hands FSDP no device on CPU, and FSDP then refuses to start, so the child process gives it the CPU
+device; everything else is the GPU road: ``fsdp_strategy``'s wrap policy, its 0-d parameter lift (FSDP
+cannot flatten ``logit_scale`` / ``logit_bias``), the SigLIP loss's own backward, sharded checkpoints,
+resuming from one, and the checkpoint directory as a model source. With one rank FSDP does not shard
+(NO_SHARD), so the result must equal a plain run's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import mmclip
+from mmclip.tasks import ContrastiveTask
+from mmclip.tasks.strategies import lift_scalar_parameters
+from tests.unit.tasks.fakes import FakeDataModule
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    import lightning.pytorch as pl
+    import torch
+    import torch.distributed.fsdp as fsdp
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mmclip.tasks import ContrastiveTask
+    from mmclip.tasks.strategies import fsdp_strategy
+    from tests.unit.tasks.fakes import FakeDataModule
+
+    class CpuFSDP(fsdp.FullyShardedDataParallel):
+        def __init__(self, module, *args, device_id=None, **kwargs):
+            super().__init__(module, *args, device_id=device_id or torch.device("cpu"), **kwargs)
+
+    fsdp.FullyShardedDataParallel = CpuFSDP
+    root, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
+    torch.manual_seed(0)
+    task = ContrastiveTask("tiny-vit", loss={"name": "siglip"}, optimizer={"lr": 1e-3}, scheduler={"name": None})
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, strategy=fsdp_strategy(), max_steps=steps, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        use_distributed_sampler=False,  # the plain run's batch order (one rank sees every sample anyway)
+        callbacks=[ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=2)],
+    )
+    # two batches an epoch: the checkpoint at step 2 ends one, so a resume goes on with the next epoch
+    trainer.fit(task, datamodule=FakeDataModule(n=16, batch_size=8), ckpt_path=resume, weights_only=True)
+    print("LIFTED", tuple(task.model.logit_scale.shape), tuple(task.model.logit_bias.shape))
+    """
+)
+
+
+def _fsdp_fit(root: Path, steps: int, resume: Path | None = None) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
+    args = [sys.executable, "-c", _CHILD, str(root), str(steps), str(resume or "")]
+    run = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs, benchmarks/gpu_suite.py --only fsdp runs this road")
+def test_fsdp_strategy_trains_resumes_and_saves_a_model_source_equal_to_a_plain_run(tmp_path):
+    out = _fsdp_fit(tmp_path, 2)
+    assert "LIFTED (1,) (1,)" in out
+    sharded = tmp_path / "last.ckpt"
+    assert sharded.is_dir() and (sharded / "meta.pt").is_file()  # sharded: a directory of shards
+    resumed_root = tmp_path / "resumed"
+    resumed_root.mkdir()
+    _fsdp_fit(resumed_root, 4, resume=sharded)
+    model = mmclip.create_model(str(resumed_root / "last.ckpt"))  # (1,)-shaped scalars load into () ones
+    assert model.logit_scale.shape == () and model.logit_bias.shape == ()
+
+    torch.manual_seed(0)
+    task = ContrastiveTask("tiny-vit", loss={"name": "siglip"}, optimizer={"lr": 1e-3}, scheduler={"name": None})
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(task, datamodule=FakeDataModule(n=16, batch_size=8))
+    plain = task.model.state_dict()
+    assert plain["logit_bias"].item() != -10.0  # the bias trained
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, plain[key], atol=1e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_lifting_scalar_parameters_keeps_the_model_and_its_gradients():
+    from mmclip.losses import SigLipLoss
+
+    torch.manual_seed(0)
+    model = mmclip.create_model("tiny-vit", init_logit_bias=-10.0)
+    lifted = mmclip.create_model("tiny-vit", init_logit_bias=-10.0)
+    lifted.load_state_dict(model.state_dict())
+    assert lift_scalar_parameters(lifted) == ["logit_scale", "logit_bias"]
+    assert lifted.logit_scale.shape == (1,) and lift_scalar_parameters(lifted) == []
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(1, 1000, (4, 8))
+    losses = [SigLipLoss()(m(images, ids))["loss"] for m in (model, lifted)]
+    torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
+    for loss in losses:
+        loss.backward()
+    assert lifted.logit_bias.grad.shape == (1,)  # the loss's own backward follows the parameter's shape
+    torch.testing.assert_close(lifted.logit_scale.grad.reshape(()), model.logit_scale.grad)
+    torch.testing.assert_close(lifted.logit_bias.grad.reshape(()), model.logit_bias.grad)

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import string
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import pairwise
@@ -62,7 +63,8 @@ _CLIP_PATTERN = regex.compile(
 _BPE_CACHE_SIZE = 200_000
 # CLIP's word classes for trained tokenizers, each word keeping the space before it (GPT-2 style).
 _TRAIN_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+"""
-_CLEAN_MODES = ("none", "whitespace", "lower")
+_CLEAN_MODES = ("none", "whitespace", "lower", "canonicalize")
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 #: the copy of CLIP's merges file shipped in the wheel (OpenAI's MIT licence beside it)
 SHIPPED_CLIP_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", _CLIP_BPE_FILENAME)
 
@@ -104,11 +106,16 @@ def _clean(text: str, mode: str) -> str:
     """CLIP's text cleaning for ``mode`` "whitespace" or "lower"; "none" returns ``text`` unchanged.
 
     ftfy repair, HTML unescape twice, whitespace runs to one space (stripped), and for "lower" lower-casing.
+    "canonicalize" is SigLIP's as OpenCLIP applies it: the same repair, then underscores to spaces, ASCII
+    punctuation removed, lower-cased, whitespace runs to one space.
     """
     if mode == "none":
         return text
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    if mode == "canonicalize":
+        text = text.strip().replace("_", " ").translate(_NO_PUNCTUATION).lower()
     # Whitespace follows str.split(), as open_clip does (the regex module's \s differs on \x1c-\x1f).
-    text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+    text = " ".join(text.split())
     return text.lower() if mode == "lower" else text
 
 
@@ -380,7 +387,9 @@ class HFTokenizer:
         name_or_path: a local tokenizer directory or a Hugging Face hub id.
         context_length: default number of tokens per row.
         clean: text cleaning before tokenization: ``"none"``, ``"whitespace"`` (ftfy, HTML unescape,
-            whitespace collapse) or ``"lower"`` (the same, then lower-case).
+            whitespace collapse), ``"lower"`` (the same, then lower-case) or ``"canonicalize"`` (SigLIP's:
+            punctuation removed, lower-cased).
+        strip_sep_token: replace the tokenizer's sep token by 0 (OpenCLIP's CLIPA models with BERT's tokenizer).
         **kwargs: passed to ``transformers.AutoTokenizer.from_pretrained``.
 
     Raises:
@@ -393,6 +402,7 @@ class HFTokenizer:
         name_or_path: str | os.PathLike[str],
         context_length: int = _DEFAULT_CONTEXT_LENGTH,
         clean: str = "none",
+        strip_sep_token: bool = False,
         **kwargs: Any,
     ):
         if clean not in _CLEAN_MODES:
@@ -417,6 +427,7 @@ class HFTokenizer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.name_or_path = name
         self.clean = clean
+        self.strip_sep_token = strip_sep_token
         self._context_length = _check_context_length(context_length)
 
     @property
@@ -453,7 +464,10 @@ class HFTokenizer:
         out = self.tokenizer(
             batch, return_tensors="pt", padding="max_length", truncation=True, max_length=length
         )
-        return out["input_ids"].long()
+        ids = out["input_ids"].long()
+        if self.strip_sep_token and self.tokenizer.sep_token_id is not None:
+            ids = ids.masked_fill(ids == self.tokenizer.sep_token_id, 0)
+        return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ``ids`` with special tokens and padding skipped."""
@@ -557,7 +571,7 @@ def _is_clip_hf_dir(path: str) -> bool:
 
 
 def get_tokenizer(
-    name_or_path: str | os.PathLike[str] | None = "clip", context_length: int | None = None
+    name_or_path: str | os.PathLike[str] | dict[str, Any] | None = "clip", context_length: int | None = None
 ) -> ClipTokenizer | HFTokenizer:
     """Build a tokenizer from a name or a path.
 
@@ -565,13 +579,18 @@ def get_tokenizer(
         name_or_path: ``"clip"`` or ``None`` for :class:`ClipTokenizer` with the located vocabulary; a
             Hugging Face CLIP tokenizer directory (``vocab.json`` of 49408 entries with
             ``<|startoftext|>``, plus ``merges.txt``) for :meth:`ClipTokenizer.from_hf_dir`; any other
-            directory or a hub id for :class:`HFTokenizer`.
+            directory or a hub id for :class:`HFTokenizer`; or ``{"name": directory or hub id, **options}``
+            for an :class:`HFTokenizer` with options (``clean``, ``strip_sep_token``), as the named models
+            converted from OpenCLIP record them.
         context_length: row length; default 77.
 
     Returns:
         The tokenizer.
     """
     length = context_length or _DEFAULT_CONTEXT_LENGTH
+    if isinstance(name_or_path, dict):
+        options = dict(name_or_path)
+        return HFTokenizer(options.pop("name"), context_length=length, **options)
     if name_or_path is None or (isinstance(name_or_path, str) and name_or_path.lower() == "clip"):
         return ClipTokenizer(context_length=length)
     path = os.fspath(name_or_path)

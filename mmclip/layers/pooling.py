@@ -72,7 +72,7 @@ class MapPool(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm = LayerNorm(width, eps=ln_eps)
-        hidden = round(width * mlp_ratio)
+        hidden = int(width * mlp_ratio + 1e-6)  # as timm and OpenCLIP (int), robust to ratios read back as fc1 / width
         self.mlp = nn.Sequential()
         self.mlp.add_module("fc1", nn.Linear(width, hidden))
         self.mlp.add_module("act", get_activation(act))

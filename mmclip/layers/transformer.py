@@ -73,7 +73,7 @@ class TransformerBlock(nn.Module):
         layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
-        hidden = round(width * mlp_ratio)
+        hidden = int(width * mlp_ratio + 1e-6)  # as timm and OpenCLIP (int), robust to ratios read back as fc1 / width
         self.norm1 = LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads)
         self.norm2 = LayerNorm(width, eps=ln_eps)

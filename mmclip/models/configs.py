@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 __all__ = ["MODEL_CONFIGS", "MODEL_TOKENIZERS", "get_model_config", "list_models", "register_model_config"]
@@ -15,10 +17,12 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {}
 
 
 #: tokenizer of a named model, where it is not CLIP's BPE ("clip"): a hub id or directory for HFTokenizer.
-MODEL_TOKENIZERS: dict[str, str] = {}
+MODEL_TOKENIZERS: dict[str, str | dict[str, Any]] = {}
 
 
-def register_model_config(name: str, config: dict[str, Any], tokenizer: str | None = None) -> None:
+def register_model_config(
+    name: str, config: dict[str, Any], tokenizer: str | dict[str, Any] | None = None
+) -> None:
     """Adds a named config (a ``DualEncoder`` spec) and, optionally, its tokenizer. Duplicate names raise."""
     if name in MODEL_CONFIGS:
         raise ValueError(f"model config {name!r} already exists")
@@ -219,6 +223,21 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+BUILTIN_MODELS = frozenset(MODEL_CONFIGS)
+#: OpenCLIP's architectures as mmclip specs, written by ``benchmarks/openclip_zoo.py --write-names``
+OPENCLIP_MODELS_FILE = Path(__file__).resolve().parents[1] / "assets" / "openclip_models.json"
+
+
+def _register_openclip_models() -> None:
+    """Every OpenCLIP architecture mmclip loads with parity and does not build in above, under OpenCLIP's name."""
+    if not OPENCLIP_MODELS_FILE.is_file():
+        return
+    for name, entry in json.loads(OPENCLIP_MODELS_FILE.read_text())["models"].items():
+        if name not in MODEL_CONFIGS:
+            register_model_config(name, entry["model"], entry.get("tokenizer"))
+
+
+_register_openclip_models()
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -197,3 +197,43 @@ def test_matches_transformers_clip_tokenizer(clip_tok: ClipTokenizer, hf_clip_di
         n = row.tolist().index(clip_tok.eot_token_id) + 1  # unpadded prefix: HF pads with eot, we with 0
         assert row[:n].tolist() == ref[:n].tolist(), text
         assert (ref[n:] == hf.pad_token_id).all()
+
+
+# ---- OpenCLIP's Hugging Face tokenizer wrapper: cleaning modes and options -----------------------------------
+@pytest.mark.parametrize("mode", ["whitespace", "lower", "canonicalize"])
+def test_clean_modes_match_openclip(mode: str) -> None:
+    """SigLIP / SigLIP 2 names clean text with "canonicalize" (lower-cased, punctuation removed)."""
+    from open_clip.tokenizer import get_clean_fn
+
+    from mmclip.tokenizers import _clean
+
+    reference = get_clean_fn(mode)
+    for text in CORPUS + ["A_Photo_of a DOG!!", "it's   (42)  {x}", "&amp;amp;Café_Crème."]:
+        assert _clean(text, mode) == reference(text), repr(text)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small WordPiece tokenizer with [CLS] / [SEP] (the kind OpenCLIP's CLIPA models strip [SEP] from)."""
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("bert")
+    words = sorted({w.lower().strip(string.punctuation) for w in _WORDS} - {""})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits, *words]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(str(root / "tok"))
+    return root / "tok"
+
+
+@pytest.mark.parametrize(
+    "options", [{"clean": "canonicalize"}, {"clean": "whitespace"}, {"clean": "lower", "strip_sep_token": True}]
+)
+def test_hf_tokenizer_options_match_openclip(bert_dir: Path, options: dict) -> None:
+    from open_clip.tokenizer import HFTokenizer as OpenClipHF
+
+    ours = get_tokenizer({"name": str(bert_dir), **options}, context_length=32)
+    theirs = OpenClipHF(str(bert_dir), context_length=32, **options)
+    texts = _plain_ascii_corpus(120) + ["A_Photo_of a DOG!!", "it's (42)", ""]
+    assert torch.equal(ours(texts), theirs(texts))
+    if options.get("strip_sep_token"):
+        assert not (ours(texts) == ours.tokenizer.sep_token_id).any()

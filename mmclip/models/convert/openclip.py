@@ -204,19 +204,46 @@ _VISION_IGNORED = {"output_tokens", "timm_model_pretrained", "pos_embed_type"}
 _TEXT_IGNORED = {"output_tokens", "hf_tokenizer_name", "tokenizer_kwargs", "tokenizer_mode"}
 
 
-def _timm_vit_shape(model_name: str) -> dict[str, Any]:
-    """Width, depth, heads, patch and MLP ratio of a timm ViT, read off a meta-device instance (no memory)."""
+def _meta_trunk(model_name: str) -> Any:
     import timm
 
-    with torch.device("meta"):
-        trunk = timm.create_model(model_name, pretrained=False, num_classes=0)
+    with torch.device("meta"):  # no memory, no init
+        return timm.create_model(model_name, pretrained=False, num_classes=0)
+
+
+def _native_vit(model_name: str) -> bool:
+    """Whether a timm model is a plain ViT mmclip's ``clip_vit`` reproduces (timm's VisionTransformer with
+    standard blocks, no rotary embeddings or registers)."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    trunk = _meta_trunk(model_name)
+    return (
+        type(trunk) is VisionTransformer
+        and all(type(b) is Block for b in trunk.blocks)
+        and not getattr(trunk, "num_reg_tokens", 0)
+        and getattr(trunk.patch_embed, "proj", None) is not None
+    )
+
+
+def _timm_vit_shape(model_name: str) -> dict[str, Any]:
+    """Width, depth, heads, patch, MLP ratio and activation of a timm ViT, read off a meta-device instance."""
+    trunk = _meta_trunk(model_name)
     block = trunk.blocks[0]
+    act = block.mlp.act
+    kind = type(act).__name__
+    if kind == "GELU" and getattr(act, "approximate", "none") == "tanh" or kind == "GELUTanh":
+        act_name = "gelu_tanh"
+    elif kind in ("GELU", "QuickGELU"):
+        act_name = {"GELU": "gelu", "QuickGELU": "quick_gelu"}[kind]
+    else:
+        raise ValueError(f"{model_name}'s MLP activation {kind} has no mmclip equivalent")
     return {
         "width": trunk.embed_dim,
         "layers": len(trunk.blocks),
         "heads": block.attn.num_heads,
         "patch_size": trunk.patch_embed.patch_size[0],
         "mlp_ratio": block.mlp.fc1.out_features / trunk.embed_dim,
+        "act": act_name,
     }
 
 
@@ -228,22 +255,30 @@ def _vision_spec(cfg: dict[str, Any], act: str, embed_dim: int) -> tuple[dict[st
     if timm_name is not None:
         pool, proj = cfg.pop("timm_pool", "avg"), cfg.pop("timm_proj", "linear")
         drop, drop_path = cfg.pop("timm_drop", 0.0), cfg.pop("timm_drop_path", None)
+        proj_bias = bool(cfg.pop("timm_proj_bias", False))
         _no_keys_left(cfg, "vision_cfg")
-        if timm_name.startswith("vit_") and pool == "map" and proj == "none":
-            # a SigLIP-style timm ViT: mmclip's native ViT holds it (OpenCLIP runs it with exact GELU)
-            spec = {"name": "clip_vit", "image_size": size, **_timm_vit_shape(timm_name), "act": "gelu"}
+        if timm_name.startswith("vit_") and pool == "map" and proj == "none" and _native_vit(timm_name):
+            # a SigLIP-style timm ViT: mmclip's native ViT holds it
+            spec = {"name": "clip_vit", "image_size": size, **_timm_vit_shape(timm_name)}
             spec.update(class_token=False, patch_bias=True, pre_norm=False, pool="map", ln_eps=1e-6)
             return spec, {"image_proj": "none"}
         if drop:
             raise ValueError(f"timm_drop={drop} has no mmclip equivalent (timm towers take drop_path)")
+        if pool in ("abs_attn", "rot_attn"):
+            raise ValueError(f"timm_pool={pool!r} (OpenCLIP's own attention pools on timm trunks) has no mmclip equivalent")
         spec = {"name": "timm", "model_name": timm_name, "image_size": size}
         if drop_path is not None:
             spec["drop_path"] = drop_path
-        if pool not in ("", "avg", None):
-            raise ValueError(f"timm_pool={pool!r} is not supported for {timm_name}; mmclip pools timm trunks by average")
-        if proj not in ("linear", "none"):
-            raise ValueError(f"timm_proj={proj!r} is not supported; mmclip has 'linear' and 'none' projections")
-        return spec, {"image_proj": proj}
+        if proj in ("linear", "mlp"):  # the trunk's head removed; OpenCLIP resets its pool only when one is named
+            if pool:
+                spec["pool"] = pool
+            return spec, {"image_proj": proj, "image_proj_bias": proj_bias}
+        if proj not in (None, "", "none"):
+            raise ValueError(f"timm_proj={proj!r} is not supported; OpenCLIP has 'linear', 'mlp', 'none' and None")
+        spec["pool"] = pool  # created with this pool; None: the trunk's own classifier is the projection
+        if proj is None or proj == "":
+            spec["num_classes"] = embed_dim
+        return spec, {"image_proj": "none"}
     layers = cfg.pop("layers")
     width = cfg.pop("width", 64)
     if isinstance(layers, (list, tuple)):
@@ -275,6 +310,8 @@ def _vision_spec(cfg: dict[str, Any], act: str, embed_dim: int) -> tuple[dict[st
     pool = cfg.pop("pool_type", "tok")
     if pool != "tok":
         spec["pool"] = {"avg": "mean"}.get(pool, pool)
+    if cfg.pop("final_ln_after_pool", False):
+        spec["norm_after_pool"] = True
     _no_keys_left(cfg, "vision_cfg")
     return spec, {}
 
@@ -299,12 +336,28 @@ def _text_spec(cfg: dict[str, Any], act: str) -> tuple[dict[str, Any], dict[str,
         "act": act,
     }
     extra: dict[str, Any] = {}
+    act_kwargs = cfg.pop("act_kwargs", None) or {}
+    if act_kwargs:
+        if act_kwargs != {"approximate": "tanh"} or act != "gelu":
+            raise ValueError(f"OpenCLIP text_cfg.act_kwargs={act_kwargs} has no mmclip activation")
+        spec["act"] = "gelu_tanh"  # SigLIP 2
     if cfg.pop("no_causal_mask", False):
         spec["causal"] = False
     pool = cfg.pop("pool_type", "argmax")
-    spec["pool"] = pool
+    eos_id = cfg.pop("eos_id", None)
+    if pool == "eos":  # the first end-of-text id
+        if eos_id is None:
+            raise ValueError("OpenCLIP text_cfg pool_type 'eos' needs an eos_id")
+        spec.update(pool="eot", eot_token_id=int(eos_id))
+    else:
+        spec["pool"] = pool
     if pool == "last":  # SigLIP: the tokenizer pads (and ends) with id 1
         spec.update(pad_token_id=1, eot_token_id=1)
+    proj_type = cfg.pop("proj_type", "linear")
+    if proj_type == "none":
+        extra["text_proj"] = "none"
+    elif proj_type != "linear":
+        raise ValueError(f"OpenCLIP text_cfg.proj_type={proj_type!r} is not supported ('linear' or 'none')")
     eps = cfg.pop("norm_kwargs", {}).get("eps")
     if eps is not None:
         spec["ln_eps"] = eps
@@ -355,11 +408,21 @@ def spec_from_openclip_config(
             image[key] = tuple(pre[key])
     if "interpolation" in pre:
         image["interpolation"] = pre["interpolation"]
-    if pre.get("resize_mode") and image["name"] == "clip_vit":
+    if pre.get("resize_mode") and image["name"] in ("clip_vit", "timm"):
         image["resize_mode"] = pre["resize_mode"]
     return spec
 
 
-def openclip_tokenizer(model_cfg: dict[str, Any]) -> str:
-    """The tokenizer source of an OpenCLIP model config: its HF tokenizer id, else CLIP's BPE."""
-    return model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") or "clip"
+def openclip_tokenizer(model_cfg: dict[str, Any]) -> str | dict[str, Any]:
+    """The tokenizer source of an OpenCLIP model config: CLIP's BPE ("clip"), or its Hugging Face tokenizer
+    with OpenCLIP's options (``{"name": id, "clean": ..., "strip_sep_token": ...}``; OpenCLIP cleans
+    whitespace unless the config says otherwise)."""
+    text = model_cfg.get("text_cfg", {})
+    name = text.get("hf_tokenizer_name")
+    if not name:
+        return "clip"
+    options = dict(text.get("tokenizer_kwargs") or {})
+    unknown = sorted(set(options) - {"clean", "strip_sep_token"})
+    if unknown:
+        raise ValueError(f"OpenCLIP tokenizer_kwargs {unknown} have no mmclip equivalent")
+    return {"name": name, "clean": options.get("clean", "whitespace"), **options}

@@ -78,6 +78,8 @@ class ClipVisionTransformer(BaseTower):
         ln_eps: LayerNorm epsilon (1e-5 CLIP, 1e-6 SigLIP).
         layer_scale_init: per-channel residual scale init, or None.
         patch_dropout: fraction of patch tokens dropped in training (FLIP).
+        norm_after_pool: apply ``norm_post`` to the pooled vector (and to each token) after pooling, not to the
+            tokens before it (OpenCLIP's ``final_ln_after_pool``, CLIPA).
         mean, std, interpolation, resize_mode: preprocessing, exposed as ``data_config``.
     """
 
@@ -102,6 +104,7 @@ class ClipVisionTransformer(BaseTower):
         std: tuple[float, ...] = OPENAI_STD,
         interpolation: str = "bicubic",
         resize_mode: str = "shortest",
+        norm_after_pool: bool = False,
     ) -> None:
         super().__init__()
         if pool == "cls" and not class_token:
@@ -110,13 +113,15 @@ class ClipVisionTransformer(BaseTower):
             raise ValueError(f"patch_dropout must be in [0, 1), got {patch_dropout}")
         self.image_size = _pair(image_size)
         self.patch_size = patch_size
-        if self.image_size[0] % patch_size or self.image_size[1] % patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {patch_size}")
+        if self.image_size[0] < patch_size or self.image_size[1] < patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than one patch ({patch_size})")
+        # a size that is not a multiple of the patch leaves its last pixels unseen, as in timm (SigLIP 384 / 14)
         self.grid_size = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
         self.width = width
         self.output_dim = width
         self.num_prefix = 1 if class_token else 0
         self.pool_type = pool
+        self.norm_after_pool = norm_after_pool
         self.patch_dropout = patch_dropout
         self.data_config = DataConfig(self.image_size, tuple(mean), tuple(std), interpolation, resize_mode)
 
@@ -176,6 +181,9 @@ class ClipVisionTransformer(BaseTower):
 
     def _head(self, x: torch.Tensor) -> TowerOutput:
         """(B, P + N, D) block output -> ln_post, pooled vector and patch tokens."""
+        if self.norm_after_pool:
+            pooled = self.pool(x if self.pool_type == "cls" else x[:, self.num_prefix :])  # (B, D)
+            return TowerOutput(pooled=self.norm_post(pooled), tokens=self.norm_post(x[:, self.num_prefix :]))
         x = self.norm_post(x)  # (B, P + N, D)
         tokens = x[:, self.num_prefix :]  # (B, N, D)
         pooled = self.pool(x if self.pool_type == "cls" else tokens)  # (B, D); cls reads the prefix token

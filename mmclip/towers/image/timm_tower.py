@@ -33,7 +33,12 @@ class TimmTower(BaseTower):
         drop_path: stochastic depth rate.
         mean, std: normalisation; default OpenAI's CLIP statistics, or timm's with ``timm_norm=True``.
         timm_norm: take mean/std from the model's pretrained config (use with ``pretrained=True``).
+        interpolation, resize_mode: preprocessing, exposed as ``data_config`` ("shortest" side resize and
+            centre crop, or "squash" to the square size).
         model_kwargs: further keyword arguments for ``timm.create_model``.
+        num_classes: 0 (default): ``pooled`` is the trunk's pre-logits feature. N > 0: the trunk keeps its own
+            classifier head with N outputs, and ``pooled`` is its output (OpenCLIP's timm towers without a
+            projection of their own, e.g. EVA and MobileCLIP, project this way).
         channels_last: feed the trunk channels-last images (the same results up to float rounding; convnets
             run faster on oneDNN CPUs and tensor-core GPUs: 1.6x for the demo's ResNet on 2 CPU cores).
     """
@@ -49,8 +54,10 @@ class TimmTower(BaseTower):
         std: tuple[float, ...] | None = None,
         timm_norm: bool = False,
         interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
         model_kwargs: dict[str, Any] | None = None,
         channels_last: bool = False,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         import timm
@@ -68,20 +75,21 @@ class TimmTower(BaseTower):
         if drop_path is not None:
             kwargs["drop_path_rate"] = drop_path
         self.model_name = model_name
+        self.num_classes = num_classes
         try:  # transformers-style models take the input size (their position grid depends on it)
             sized = {"img_size": image_size} if image_size is not None and "img_size" not in kwargs else {}
             self.trunk = timm.create_model(
-                model_name, pretrained=pretrained, num_classes=0, **sized, **kwargs
+                model_name, pretrained=pretrained, num_classes=num_classes, **sized, **kwargs
             )
         except TypeError:  # convnets take any size
-            self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
-        self.output_dim = int(self.trunk.num_features)
+            self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        self.output_dim = int(num_classes or self.trunk.num_features)
         cfg = self.trunk.pretrained_cfg or {}
         size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
         if timm_norm:
             mean, std = cfg.get("mean", mean), cfg.get("std", std)
         self.data_config = DataConfig(
-            (size, size), tuple(mean or OPENAI_MEAN), tuple(std or OPENAI_STD), interpolation, "shortest"
+            (size, size), tuple(mean or OPENAI_MEAN), tuple(std or OPENAI_STD), interpolation, resize_mode
         )
 
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
@@ -107,7 +115,7 @@ class TimmTower(BaseTower):
 
     def _head(self, features: torch.Tensor) -> TowerOutput:
         """Trunk features (B, C, H, W) or (B, N, D) -> pre-logits pooled vector and tokens."""
-        pooled = self.trunk.forward_head(features, pre_logits=True)  # (B, C)
+        pooled = self.trunk.forward_head(features, pre_logits=not self.num_classes)  # (B, C)
         if features.ndim == 4:
             nhwc = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"  # e.g. Swin
             tokens = features.flatten(1, 2) if nhwc else features.flatten(2).transpose(1, 2)  # (B, HW, C)

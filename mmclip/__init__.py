@@ -2,6 +2,7 @@
 
 from mmclip import losses as _losses  # noqa: F401  (registers the built-in losses)
 from mmclip import towers as _towers  # noqa: F401  (registers the built-in towers and poolers)
+from mmclip.data.naflex import NaFlexImages, collate_images
 from mmclip.layers.perceiver import PerceiverResampler
 from mmclip.losses import ClipLoss, SigLipLoss
 from mmclip.models import (
@@ -44,6 +45,7 @@ __all__ = [
     "FeaturizerOutput",
     "FrozenWeightsError",
     "HFTokenizer",
+    "NaFlexImages",
     "PerceiverResampler",
     "PrefixCaptioner",
     "Registry",
@@ -51,6 +53,7 @@ __all__ = [
     "TextFeaturizer",
     "TowerOutput",
     "build_caption_targets",
+    "collate_images",
     "count_parameters",
     "export_hf",
     "from_pretrained",

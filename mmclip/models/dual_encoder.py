@@ -25,7 +25,7 @@ WEIGHTS_NAME = "model.safetensors"
 def _check_image_batch(images: torch.Tensor, tower: nn.Module) -> None:
     """Channels-last and integer image batches get an error naming the fix, whatever the tower (towers that
     take other inputs, e.g. precomputed (B, D) features, are left to their own checks)."""
-    if images.ndim == 4:
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
         check_images(images, tower)
 
 
@@ -129,8 +129,8 @@ class DualEncoder(nn.Module):
         """The image tower's preprocessing description."""
         return self.image_tower.data_config
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, E) embeddings."""
+    def encode_image(self, images: torch.Tensor | Any, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) images (or a NaFlex tower's ``NaFlexImages``; see ``mmclip.collate_images``) -> (B, E)."""
         _check_image_batch(images, self.image_tower)
         x = self.image_proj(self.image_tower(images).pooled)  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x

@@ -73,7 +73,7 @@ class ResolvedModel:
 
     config: dict[str, Any] | None
     weights: str | None
-    tokenizer: str
+    tokenizer: str | dict[str, Any]
     kind: str
     instance: DualEncoder | None = None
 
@@ -514,13 +514,16 @@ def create_model_and_transforms(
     """``(model, train_preprocess, preprocess)`` as OpenCLIP users know it.
 
     ``preprocess(pil_image)`` gives the tower's input ``(3, H, W)`` (resize, crop, normalise exactly as the
-    reference the weights came from); batches stack with ``torch.stack``. ``train_preprocess`` adds the
-    training augmentation (random resized crop).
+    reference the weights came from), or for a NaFlex tower (SigLIP 2) the image's patches at its own aspect
+    ratio; ``mmclip.collate_images`` batches either kind. ``train_preprocess`` adds the training augmentation
+    (random resized crop) to square images, which every tower takes.
     """
     from mmclip.data.transforms import image_transform
 
     model = create_model(source, pretrained, device=device, **overrides)
-    return model, image_transform(model.data_config, train=True), image_transform(model.data_config, train=False)
+    own = getattr(model.image_tower, "preprocess", None)  # NaFlex towers: native aspect ratio, patches
+    preprocess = own() if callable(own) else image_transform(model.data_config, train=False)
+    return model, image_transform(model.data_config, train=True), preprocess
 
 
 def count_parameters(model: DualEncoder) -> dict[str, int]:

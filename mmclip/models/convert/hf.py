@@ -1,4 +1,4 @@
-"""Hugging Face ``CLIPModel`` / ``SiglipModel`` directories <-> mmclip configs and state dicts.
+"""Hugging Face ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` directories <-> mmclip configs and state dicts.
 
 Loading reads the directory's config with transformers (defaults included) and its weights with
 safetensors (or ``torch.load(weights_only=True)`` for ``pytorch_model.bin``); no HF model is built.
@@ -94,6 +94,7 @@ _SIGLIP_KEYS = (
         (r"logit_bias", "logit_bias"),
     ]
 )
+_MODEL_TYPES = "'clip', 'siglip' and 'siglip2'"
 _LAYER = re.compile(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)")
 
 
@@ -168,9 +169,9 @@ def is_hf_model_dir(directory: str | Path) -> bool:
 def hf_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a HF ``CLIPModel`` / ``SiglipModel`` directory in mmclip's layout."""
     model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
-    table = {"clip": _CLIP_KEYS, "siglip": _SIGLIP_KEYS}.get(model_type)
+    table = {"clip": _CLIP_KEYS, "siglip": _SIGLIP_KEYS, "siglip2": _SIGLIP_KEYS}.get(model_type)
     if table is None:
-        raise ValueError(f"model_type {model_type!r} is not supported; mmclip reads 'clip' and 'siglip'")
+        raise ValueError(f"model_type {model_type!r} is not supported; mmclip reads {_MODEL_TYPES}")
     return _convert_hf_state(_read_hf_weights(Path(directory)), table)
 
 
@@ -180,19 +181,29 @@ def hf_spec(directory: str | Path) -> dict[str, Any]:
 
     directory = Path(directory)
     config = AutoConfig.from_pretrained(str(directory))
+    if config.model_type not in ("clip", "siglip", "siglip2"):
+        raise ValueError(f"model_type {config.model_type!r} is not supported; mmclip reads {_MODEL_TYPES}")
     v, t = config.vision_config, config.text_config
-    image = {
-        "name": "clip_vit",
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "width": v.hidden_size,
-        "layers": v.num_hidden_layers,
-        "heads": v.num_attention_heads,
-        "in_chans": v.num_channels,
-        "mlp_ratio": v.intermediate_size / v.hidden_size,
-        "act": _act(v.hidden_act),
-        "ln_eps": v.layer_norm_eps,
-    }
+    if config.model_type == "siglip2":  # NaFlex: no fixed image size, a position grid resized per image
+        from mmclip.towers.image.naflex_vit import spec_from_hf_siglip2_vision
+
+        pre = _preprocessing(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        path = directory / "preprocessor_config.json"
+        budget = json.loads(path.read_text()).get("max_num_patches", 256) if path.is_file() else 256
+        image = spec_from_hf_siglip2_vision(v, budget, pre["mean"], pre["std"])
+    else:
+        image = {
+            "name": "clip_vit",
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "width": v.hidden_size,
+            "layers": v.num_hidden_layers,
+            "heads": v.num_attention_heads,
+            "in_chans": v.num_channels,
+            "mlp_ratio": v.intermediate_size / v.hidden_size,
+            "act": _act(v.hidden_act),
+            "ln_eps": v.layer_norm_eps,
+        }
     text = {
         "name": "clip_text",
         "vocab_size": t.vocab_size,
@@ -218,17 +229,18 @@ def hf_spec(directory: str | Path) -> dict[str, Any]:
             "init_logit_scale": float(config.logit_scale_init_value),
         }
         return cfg
-    if config.model_type == "siglip":
+    if config.model_type in ("siglip", "siglip2"):
         if not getattr(v, "vision_use_head", True):
             raise ValueError("SigLIP vision towers without the attention-pooling head are not supported")
-        image.update(
-            _preprocessing(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-            class_token=False,
-            patch_bias=True,
-            pre_norm=False,
-            pool="map",
-            resize_mode="squash",
-        )
+        if config.model_type == "siglip":
+            image.update(
+                _preprocessing(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                class_token=False,
+                patch_bias=True,
+                pre_norm=False,
+                pool="map",
+                resize_mode="squash",
+            )
         text.update(
             causal=False,
             pool="last",
@@ -248,7 +260,7 @@ def hf_spec(directory: str | Path) -> dict[str, Any]:
             "init_logit_bias": -10.0,
         }
         return cfg
-    raise ValueError(f"model_type {config.model_type!r} is not supported; mmclip reads 'clip' and 'siglip'")
+    raise AssertionError("unreachable")
 
 
 def _check_exportable(model: DualEncoder) -> None:

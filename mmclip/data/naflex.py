@@ -1,0 +1,156 @@
+"""NaFlex images: each image at its own aspect ratio, as a variable number of patches under a budget.
+
+SigLIP 2's NaFlex variant resizes every image, keeping its aspect ratio, to the largest grid of whole patches
+that fits ``max_num_patches``, and feeds the patches as a sequence. :class:`NaFlexPreprocess` does that to a
+PIL image (pixel for pixel as ``transformers``' ``Siglip2ImageProcessor``); :func:`collate_images` pads a list
+of such samples into one :class:`NaFlexImages` batch (and stacks plain image tensors, so that
+``model.encode_image(collate_images([preprocess(im) for im in images]))`` embeds PIL images for every tower).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["NaFlexImages", "NaFlexPreprocess", "NaFlexSample", "collate_images", "naflex_size", "patchify"]
+
+
+@dataclass
+class NaFlexSample:
+    """One preprocessed image: ``patches`` (n, p * p * C), row-major over its ``grid`` of (rows, cols)."""
+
+    patches: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass
+class NaFlexImages:
+    """A padded batch of NaFlex images.
+
+    Attributes:
+        patches: (B, N, p * p * C) float patches, each flattened as (p, p, C); padding rows are zero.
+        mask: (B, N) bool, True for an image's own patches.
+        grid: (B, 2) long, each image's patch grid (rows, cols); rows * cols of its patches are real.
+    """
+
+    patches: torch.Tensor
+    mask: torch.Tensor
+    grid: torch.Tensor
+
+    def to(self, *args: Any, **kwargs: Any) -> NaFlexImages:
+        """Moves (and casts the patches, as ``Tensor.to`` does) the batch; mask and grid keep their dtypes."""
+        patches = self.patches.to(*args, **kwargs)
+        return NaFlexImages(patches, self.mask.to(patches.device), self.grid.to(patches.device))
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.patches.device
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int, eps: float = 1e-5) -> tuple[int, int]:
+    """The (height, width) an image is resized to: both multiples of ``patch_size`` (at least one patch), the
+    aspect ratio kept as nearly as whole patches allow, and the largest such size with at most
+    ``max_num_patches`` patches. The scale is found by bisection to within ``eps``, as SigLIP 2's reference
+    processor does, so that both give the same size."""
+
+    def side(scale: float, size: int) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    low, high = eps / 10, 100.0
+    while high - low >= eps:
+        mid = (low + high) / 2
+        patches = (side(mid, height) / patch_size) * (side(mid, width) / patch_size)
+        if patches <= max_num_patches:
+            low = mid
+        else:
+            high = mid
+    return side(low, height), side(low, width)
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, H, W) -> (H/p * W/p, p * p * C): patches in row-major order, each flattened as (p, p, C)."""
+    c, h, w = image.shape
+    rows, cols = h // patch_size, w // patch_size
+    x = image[:, : rows * patch_size, : cols * patch_size].reshape(c, rows, patch_size, cols, patch_size)
+    return x.permute(1, 3, 2, 4, 0).reshape(rows * cols, patch_size * patch_size * c)
+
+
+class NaFlexPreprocess:
+    """PIL image -> :class:`NaFlexSample`: RGB, resized to :func:`naflex_size` (antialiased, on uint8 pixels),
+    normalised, patchified.
+
+    Args:
+        patch_size: the tower's patch size.
+        max_num_patches: the patch budget per image.
+        mean, std: normalisation of pixels in [0, 1].
+        interpolation: "bilinear" (SigLIP 2) or "bicubic".
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        max_num_patches: int = 256,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        interpolation: str = "bilinear",
+    ) -> None:
+        from torchvision.transforms import InterpolationMode
+
+        self.patch_size = patch_size
+        self.max_num_patches = max_num_patches
+        # normalise uint8-range pixels in one step: (x - 255 mean) / (255 std)
+        self.mean = (torch.tensor(mean) * 255.0).tolist()
+        self.std = (torch.tensor(std) * 255.0).tolist()
+        self.interpolation = InterpolationMode(interpolation)
+
+    def __call__(self, image: Image.Image) -> NaFlexSample:
+        from torchvision.transforms.v2 import functional as tvf
+
+        pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
+        h, w = naflex_size(pixels.shape[1], pixels.shape[2], self.patch_size, self.max_num_patches)
+        pixels = tvf.resize(pixels, [h, w], interpolation=self.interpolation, antialias=True)
+        x = tvf.normalize(pixels.to(torch.float32), self.mean, self.std)
+        return NaFlexSample(patchify(x, self.patch_size), (h // self.patch_size, w // self.patch_size))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(patch_size={self.patch_size}, max_num_patches={self.max_num_patches}, "
+            f"interpolation={self.interpolation.value})"
+        )
+
+
+def collate_images(samples: Sequence[Any], pad_to: int | None = None) -> torch.Tensor | NaFlexImages:
+    """One batch from preprocessed images: tensors are stacked; :class:`NaFlexSample` s are padded to the
+    longest (or to ``pad_to`` patches) into :class:`NaFlexImages`.
+
+    Raises:
+        ValueError: an empty list, a mix of kinds, or ``pad_to`` below the longest sample.
+    """
+    if not samples:
+        raise ValueError("collate_images needs at least one sample")
+    if all(isinstance(s, torch.Tensor) for s in samples):
+        return torch.stack(list(samples))
+    if not all(isinstance(s, NaFlexSample) for s in samples):
+        kinds = sorted({type(s).__name__ for s in samples})
+        raise ValueError(f"collate_images takes image tensors or NaFlexSample s, not a mix: got {kinds}")
+    longest = max(s.patches.shape[0] for s in samples)
+    n = pad_to or longest
+    if n < longest:
+        raise ValueError(f"pad_to={pad_to} is below the longest sample ({longest} patches)")
+    dim = samples[0].patches.shape[1]
+    patches = samples[0].patches.new_zeros(len(samples), n, dim)
+    mask = torch.zeros(len(samples), n, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        patches[i, : s.patches.shape[0]] = s.patches
+        mask[i, : s.patches.shape[0]] = True
+    grid = torch.tensor([s.grid for s in samples], dtype=torch.long)
+    return NaFlexImages(patches, mask, grid)

@@ -163,7 +163,7 @@ class ImageTextDataModule(L.LightningDataModule):
         """The built tokenizer (built on first use from the name given to the constructor)."""
         if self._tokenizer is None:
             spec = self._tokenizer_spec
-            if spec is None or isinstance(spec, str) or hasattr(spec, "__fspath__"):
+            if spec is None or isinstance(spec, str | dict) or hasattr(spec, "__fspath__"):
                 self._tokenizer = get_tokenizer(spec, context_length=self.context_length)
             else:
                 self._tokenizer = spec

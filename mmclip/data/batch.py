@@ -36,14 +36,14 @@ class ImageTextBatch:
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)  # a tensor's or a NaFlexImages batch's first dimension
 
     @property
     def text_to_image(self) -> torch.Tensor:
         """``(T,)`` image row of each caption (``arange(B)`` for one caption per image)."""
         if self.caption_image_index is not None:
             return self.caption_image_index
-        return torch.arange(self.images.shape[0], device=self.images.device)
+        return torch.arange(len(self.images), device=self.images.device)
 
     def to(self, device: torch.device | str) -> ImageTextBatch:
         """Move the tensors to ``device`` (a new batch; lists are shared)."""

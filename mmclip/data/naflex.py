@@ -11,49 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mmclip.towers.base import DataConfig
+from mmclip.towers.image.naflex_vit import NaFlexImages, NaFlexSample, patchify
+
 __all__ = ["NaFlexImages", "NaFlexPreprocess", "NaFlexSample", "collate_images", "naflex_size", "patchify"]
-
-
-@dataclass
-class NaFlexSample:
-    """One preprocessed image: ``patches`` (n, p * p * C), row-major over its ``grid`` of (rows, cols)."""
-
-    patches: torch.Tensor
-    grid: tuple[int, int]
-
-
-@dataclass
-class NaFlexImages:
-    """A padded batch of NaFlex images.
-
-    Attributes:
-        patches: (B, N, p * p * C) float patches, each flattened as (p, p, C); padding rows are zero.
-        mask: (B, N) bool, True for an image's own patches.
-        grid: (B, 2) long, each image's patch grid (rows, cols); rows * cols of its patches are real.
-    """
-
-    patches: torch.Tensor
-    mask: torch.Tensor
-    grid: torch.Tensor
-
-    def to(self, *args: Any, **kwargs: Any) -> NaFlexImages:
-        """Moves (and casts the patches, as ``Tensor.to`` does) the batch; mask and grid keep their dtypes."""
-        patches = self.patches.to(*args, **kwargs)
-        return NaFlexImages(patches, self.mask.to(patches.device), self.grid.to(patches.device))
-
-    def __len__(self) -> int:
-        return self.patches.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.patches.device
 
 
 def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int, eps: float = 1e-5) -> tuple[int, int]:
@@ -74,14 +41,6 @@ def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int, 
         else:
             high = mid
     return side(low, height), side(low, width)
-
-
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(C, H, W) -> (H/p * W/p, p * p * C): patches in row-major order, each flattened as (p, p, C)."""
-    c, h, w = image.shape
-    rows, cols = h // patch_size, w // patch_size
-    x = image[:, : rows * patch_size, : cols * patch_size].reshape(c, rows, patch_size, cols, patch_size)
-    return x.permute(1, 3, 2, 4, 0).reshape(rows * cols, patch_size * patch_size * c)
 
 
 class NaFlexPreprocess:
@@ -120,6 +79,13 @@ class NaFlexPreprocess:
         pixels = tvf.resize(pixels, [h, w], interpolation=self.interpolation, antialias=True)
         x = tvf.normalize(pixels.to(torch.float32), self.mean, self.std)
         return NaFlexSample(patchify(x, self.patch_size), (h // self.patch_size, w // self.patch_size))
+
+    @classmethod
+    def from_data_config(cls, data_config: DataConfig) -> NaFlexPreprocess:
+        """The preprocessing a NaFlex tower's ``data_config`` describes (its ``extra["naflex"]``)."""
+        naflex = data_config.extra["naflex"]
+        return cls(naflex["patch_size"], naflex["max_num_patches"], data_config.mean, data_config.std,
+                   data_config.interpolation)
 
     def __repr__(self) -> str:
         return (

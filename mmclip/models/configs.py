@@ -211,6 +211,16 @@ def _register_builtins() -> None:
             "embed_dim": 32,
         },
     )
+    register_model_config(  # SigLIP 2 NaFlex in small: native aspect ratio, up to 16 patches of 8 px
+        "tiny-naflex",
+        {
+            "image_tower": {"name": "naflex_vit", "patch_size": 8, "width": 64, "layers": 2, "heads": 2,
+                            "pos_grid": 4, "max_num_patches": 16},
+            "text_tower": _text(64, layers=2, heads=2, **dict(siglip_text, vocab_size=1000)),
+            "embed_dim": 64,
+            **siglip,
+        },
+    )
     register_model_config(
         "tiny-siglip",
         {

@@ -25,8 +25,14 @@ WEIGHTS_NAME = "model.safetensors"
 def _check_image_batch(images: torch.Tensor, tower: nn.Module) -> None:
     """Channels-last and integer image batches get an error naming the fix, whatever the tower (towers that
     take other inputs, e.g. precomputed (B, D) features, are left to their own checks)."""
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        check_images(images, tower)
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 4:
+            check_images(images, tower)
+    elif type(images).__name__ == "NaFlexImages" and not hasattr(tower, "position_embeddings"):
+        raise TypeError(
+            f"{type(tower).__name__} takes (B, 3, H, W) image tensors, not NaFlexImages: preprocess with "
+            "create_model_and_transforms for this model (its preprocess gives tensors that collate_images stacks)"
+        )
 
 
 def _build_tower(tower: nn.Module | dict[str, Any], registry: Any) -> tuple[nn.Module, dict[str, Any] | None]:

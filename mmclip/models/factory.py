@@ -484,6 +484,8 @@ def get_tokenizer(source: Any = "clip", context_length: int | None = None) -> An
 def _resolve_for_tokenizer(source: Any) -> ResolvedModel | None:
     if source is None or isinstance(source, str) and source.lower() == "clip":
         return None
+    if isinstance(source, dict) and "name" in source and not {"image_tower", "text_tower"} & set(source):
+        return None  # tokenizer options ({"name": ..., "clean": ...}), not a model spec
     if isinstance(source, DualEncoder | dict):
         return resolve_model(source)
     text = os.fspath(source)
@@ -521,8 +523,12 @@ def create_model_and_transforms(
     from mmclip.data.transforms import image_transform
 
     model = create_model(source, pretrained, device=device, **overrides)
-    own = getattr(model.image_tower, "preprocess", None)  # NaFlex towers: native aspect ratio, patches
-    preprocess = own() if callable(own) else image_transform(model.data_config, train=False)
+    if "naflex" in model.data_config.extra:  # NaFlex towers: native aspect ratio, as patches
+        from mmclip.data.naflex import NaFlexPreprocess
+
+        preprocess: Any = NaFlexPreprocess.from_data_config(model.data_config)
+    else:
+        preprocess = image_transform(model.data_config, train=False)
     return model, image_transform(model.data_config, train=True), preprocess
 
 

@@ -154,6 +154,22 @@ class TrainingTask(pl.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         torch.manual_seed(_step_seed(self._rng_base, self.current_epoch, batch_idx, self.global_step, rank))
 
+    def _match_one_element_shapes(self, state: dict[str, Any] | None) -> None:
+        """One-element weights load whatever their saved shape: FSDP runs lift 0-d parameters (logit_scale,
+        logit_bias) to (1,) (``mmclip.tasks.strategies.lift_scalar_parameters``), plain runs keep them 0-d,
+        and a checkpoint of either kind loads into a task of the other."""
+        if not state:
+            return
+        lifted = set(getattr(self, "_lifted_parameters", ()))
+        own = {} if lifted else {name: p.shape for name, p in self.named_parameters()}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                continue
+            if key in lifted:
+                state[key] = value.reshape(1)
+            elif key in own and own[key] != value.shape and own[key].numel() == 1:
+                state[key] = value.reshape(own[key])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "base": self._rng_base}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -161,6 +177,7 @@ class TrainingTask(pl.LightningModule):
         checkpoint["mmclip_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._match_one_element_shapes(checkpoint.get("state_dict"))
         state = checkpoint.get("mmclip_rng")
         if state is None:
             return

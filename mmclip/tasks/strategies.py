@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -81,9 +82,11 @@ def lift_scalar_parameters(module: nn.Module) -> list[str]:
                 lifted_param = nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad)
                 setattr(owner, name, lifted_param)
                 lifted.append(f"{owner_name}.{name}" if owner_name else name)
+    module._lifted_parameters = (*getattr(module, "_lifted_parameters", ()), *lifted)  # read when loading
     return lifted
 
 
+@functools.cache
 def _strategy_class() -> type:
     from lightning.pytorch.strategies import FSDPStrategy
 

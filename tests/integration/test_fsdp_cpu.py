@@ -109,3 +109,19 @@ def test_lifting_scalar_parameters_keeps_the_model_and_its_gradients():
     assert lifted.logit_bias.grad.shape == (1,)  # the loss's own backward follows the parameter's shape
     torch.testing.assert_close(lifted.logit_scale.grad.reshape(()), model.logit_scale.grad)
     torch.testing.assert_close(lifted.logit_bias.grad.reshape(()), model.logit_bias.grad)
+
+
+def test_checkpoints_load_across_lifted_and_plain_tasks():
+    """A full checkpoint of an FSDP run ((1,) scalars) loads into a plain task, and a plain one into a lifted
+    task, through the task's own loading (``load_from_checkpoint`` and resume call ``on_load_checkpoint``)."""
+    torch.manual_seed(0)
+    plain = ContrastiveTask("tiny-vit", loss={"name": "siglip"})
+    lifted = ContrastiveTask("tiny-vit", loss={"name": "siglip"})
+    with torch.no_grad():
+        lifted.model.logit_bias.fill_(-3.0)
+    lift_scalar_parameters(lifted)
+    for source, target in ((lifted, plain), (plain, lifted)):
+        checkpoint = {"state_dict": {k: v.clone() for k, v in source.state_dict().items()}}
+        target.on_load_checkpoint(checkpoint)
+        target.load_state_dict(checkpoint["state_dict"])
+        assert target.model.logit_bias.reshape(()) == source.model.logit_bias.reshape(())

@@ -95,17 +95,26 @@ def test_padding_and_batch_company_do_not_change_an_embedding(siglip2_dir):
 
 
 def test_square_tensors_are_full_patch_grids(siglip2_dir):
-    """Plain (B, C, H, W) batches (the training and evaluation roads) equal their patchified NaFlex form."""
-    from mmclip.data.naflex import patchify
+    """Plain (B, C, H, W) batches (the training and evaluation roads) are full grids of patches: equal to
+    transformers' vision model fed its own patchification of them with an all-ones mask."""
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
-    root, _ = siglip2_dir
+    root, hf = siglip2_dir
     model = mmclip.create_model(str(root)).eval()
     images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
-    naflex = collate_images([NaFlexSample(patchify(im, PATCH), (4, 6)) for im in images])
+    patches = torch.stack([convert_image_to_patches(im, PATCH) for im in images])
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), model.encode_image(naflex), atol=0, rtol=0)
+        reference = hf.get_image_features(
+            pixel_values=patches, pixel_attention_mask=torch.ones(2, 24, dtype=torch.long),
+            spatial_shapes=torch.tensor([[4, 6], [4, 6]]),
+        )
+        reference = getattr(reference, "pooler_output", reference)
+        torch.testing.assert_close(model.encode_image(images, normalize=True), F.normalize(reference, dim=-1),
+                                   atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="multiples of 8"):
         model.encode_image(torch.randn(1, 3, 30, 32))
+    with pytest.raises(TypeError, match="not NaFlexImages"):  # a NaFlex batch into a fixed-size tower
+        mmclip.create_model("tiny-vit").encode_image(collate_images([NaFlexSample(torch.zeros(4, 192), (2, 2))]))
 
 
 @pytest.mark.parametrize("h, w", SIZES + [(1, 1), (1000, 3), (3, 1000), (513, 257)])
@@ -132,6 +141,12 @@ def test_collate_images_stacks_tensors_and_says_what_is_wrong():
         collate_images([sample], pad_to=2)
     with pytest.raises(ValueError, match="at least one"):
         collate_images([])
+    # a batch of NaFlex images slices like a tensor batch (micro-batches, ImageTextBatch's length)
+    from mmclip.data.batch import ImageTextBatch
+
+    assert batch[1].grid.tolist() == [[2, 3]] and len(batch[0:2]) == 2 and len(batch[torch.tensor([1])]) == 1
+    texts = ImageTextBatch(batch, torch.zeros(2, 4, dtype=torch.long), ["a", "b"])
+    assert len(texts) == 2 and texts.text_to_image.tolist() == [0, 1]
 
 
 def test_a_naflex_model_trains_through_the_task():

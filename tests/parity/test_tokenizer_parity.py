@@ -237,3 +237,13 @@ def test_hf_tokenizer_options_match_openclip(bert_dir: Path, options: dict) -> N
     assert torch.equal(ours(texts), theirs(texts))
     if options.get("strip_sep_token"):
         assert not (ours(texts) == ours.tokenizer.sep_token_id).any()
+
+
+def test_model_get_tokenizer_takes_tokenizer_options(bert_dir: Path) -> None:
+    """``mmclip.get_tokenizer({"name": dir, **options})`` builds that tokenizer (not a model spec's)."""
+    import mmclip
+    from mmclip.tokenizers import HFTokenizer
+
+    tok = mmclip.get_tokenizer({"name": str(bert_dir), "clean": "canonicalize"}, context_length=16)
+    assert isinstance(tok, HFTokenizer) and tok.clean == "canonicalize"
+    assert torch.equal(tok(["A_Dog!"]), tok(["a dog"]))

@@ -13,6 +13,7 @@ def test_model_table_rows_come_from_real_modules() -> None:
     assert set(rows) == {
         "tiny-bert",
         "tiny-convnext",
+        "tiny-naflex",
         "tiny-efficientnet",
         "tiny-resnet",
         "tiny-siglip",

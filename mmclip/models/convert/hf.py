@@ -155,6 +155,28 @@ def _convert_hf_state(
     return out
 
 
+def _siglip2_vision_spec(config: Any, max_num_patches: int, mean: Any, std: Any) -> dict[str, Any]:
+    """The ``naflex_vit`` spec of a ``Siglip2VisionConfig``."""
+    grid = math.isqrt(config.num_patches)
+    if grid * grid != config.num_patches:
+        raise ValueError(f"Siglip2 num_patches={config.num_patches} is not a square position grid")
+    return {
+        "name": "naflex_vit",
+        "patch_size": config.patch_size,
+        "width": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "act": _act(config.hidden_act),
+        "ln_eps": config.layer_norm_eps,
+        "pos_grid": grid,
+        "max_num_patches": max_num_patches,
+        "in_chans": config.num_channels,
+        "mean": tuple(mean),
+        "std": tuple(std),
+    }
+
+
 def is_hf_model_dir(directory: str | Path) -> bool:
     """Whether ``directory`` holds a Hugging Face model config (``config.json`` with a ``model_type``)."""
     path = Path(directory) / "config.json"
@@ -185,12 +207,10 @@ def hf_spec(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"model_type {config.model_type!r} is not supported; mmclip reads {_MODEL_TYPES}")
     v, t = config.vision_config, config.text_config
     if config.model_type == "siglip2":  # NaFlex: no fixed image size, a position grid resized per image
-        from mmclip.towers.image.naflex_vit import spec_from_hf_siglip2_vision
-
         pre = _preprocessing(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         path = directory / "preprocessor_config.json"
         budget = json.loads(path.read_text()).get("max_num_patches", 256) if path.is_file() else 256
-        image = spec_from_hf_siglip2_vision(v, budget, pre["mean"], pre["std"])
+        image = _siglip2_vision_spec(v, budget, pre["mean"], pre["std"])
     else:
         image = {
             "name": "clip_vit",

@@ -318,6 +318,9 @@ def _vision_spec(cfg: dict[str, Any], act: str, embed_dim: int) -> tuple[dict[st
 
 def _text_spec(cfg: dict[str, Any], act: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(text tower spec, DualEncoder arguments) for an OpenCLIP ``text_cfg``."""
+    tokenizer_kwargs = cfg.get("tokenizer_kwargs")
+    if cfg.get("tokenizer_mode"):
+        raise ValueError(f"OpenCLIP tokenizer_mode={cfg['tokenizer_mode']!r} has no mmclip tokenizer")
     cfg = {k: v for k, v in cfg.items() if k not in _TEXT_IGNORED}
     if "hf_model_name" in cfg:
         raise ValueError(
@@ -351,8 +354,9 @@ def _text_spec(cfg: dict[str, Any], act: str) -> tuple[dict[str, Any], dict[str,
         spec.update(pool="eot", eot_token_id=int(eos_id))
     else:
         spec["pool"] = pool
-    if pool == "last":  # SigLIP: the tokenizer pads (and ends) with id 1
-        spec.update(pad_token_id=1, eot_token_id=1)
+    if pool == "last":  # SigLIP's tokenizers pad (and end) with id 1; BERT's (CLIPA, its [SEP] stripped) with 0
+        pad = 0 if (tokenizer_kwargs or {}).get("strip_sep_token") else 1
+        spec.update(pad_token_id=pad, eot_token_id=pad)
     proj_type = cfg.pop("proj_type", "linear")
     if proj_type == "none":
         extra["text_proj"] = "none"

@@ -8,14 +8,13 @@ too, as full grids of H/p x W/p patches, so square data and every evaluation roa
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmclip.data.naflex import NaFlexImages, NaFlexPreprocess, patchify
 from mmclip.layers.norm import LayerNorm
 from mmclip.layers.pooling import build_pooler
 from mmclip.layers.transformer import Transformer
@@ -23,7 +22,58 @@ from mmclip.outputs import TowerOutput
 from mmclip.registry import IMAGE_TOWERS
 from mmclip.towers.base import BaseTower, DataConfig, check_images
 
-__all__ = ["NaFlexVisionTransformer"]
+__all__ = ["NaFlexImages", "NaFlexSample", "NaFlexVisionTransformer", "patchify"]
+
+
+@dataclass
+class NaFlexSample:
+    """One preprocessed image: ``patches`` (n, p * p * C), row-major over its ``grid`` of (rows, cols)."""
+
+    patches: torch.Tensor
+    grid: tuple[int, int]
+
+
+@dataclass
+class NaFlexImages:
+    """A padded batch of NaFlex images.
+
+    Attributes:
+        patches: (B, N, p * p * C) float patches, each flattened as (p, p, C); padding rows are zero.
+        mask: (B, N) bool, True for an image's own patches.
+        grid: (B, 2) long, each image's patch grid (rows, cols); rows * cols of its patches are real.
+    """
+
+    patches: torch.Tensor
+    mask: torch.Tensor
+    grid: torch.Tensor
+
+    def to(self, *args: Any, **kwargs: Any) -> NaFlexImages:
+        """Moves (and casts the patches, as ``Tensor.to`` does) the batch; mask and grid keep their dtypes."""
+        patches = self.patches.to(*args, **kwargs)
+        return NaFlexImages(patches, self.mask.to(patches.device), self.grid.to(patches.device))
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+    def __getitem__(self, index: Any) -> NaFlexImages:
+        """The images at ``index`` (an int, slice or index tensor over the batch), still a batch."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return NaFlexImages(self.patches[index], self.mask[index], self.grid[index])
+
+    @property
+    def device(self) -> torch.device:
+        return self.patches.device
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, H, W) -> (H/p * W/p, p * p * C): patches in row-major order, each flattened as (p, p, C)."""
+    c, h, w = image.shape
+    rows, cols = h // patch_size, w // patch_size
+    x = image[:, : rows * patch_size, : cols * patch_size].reshape(c, rows, patch_size, cols, patch_size)
+    return x.permute(1, 3, 2, 4, 0).reshape(rows * cols, patch_size * patch_size * c)
+
+
 
 
 @IMAGE_TOWERS.register("naflex_vit")
@@ -34,7 +84,8 @@ class NaFlexVisionTransformer(BaseTower):
         patch_size: square patch size.
         width, layers, heads, mlp_ratio, act, ln_eps: the transformer (as ``clip_vit``).
         pos_grid: side of the learned position grid (16 for 256 positions).
-        max_num_patches: the preprocessing's patch budget per image (``preprocess``).
+        max_num_patches: the preprocessing's patch budget per image (``data_config.extra["naflex"]``, which
+            ``mmclip.data.naflex.NaFlexPreprocess.from_data_config`` and ``create_model_and_transforms`` read).
         image_size: the square size of plain image batches and of ``data_config`` (default pos_grid * patch).
         in_chans, mean, std, interpolation: the images.
     """
@@ -63,7 +114,8 @@ class NaFlexVisionTransformer(BaseTower):
         self.in_chans = in_chans
         self.output_dim = width
         size = image_size or pos_grid * patch_size
-        self.data_config = DataConfig((size, size), tuple(mean), tuple(std), interpolation, "squash")
+        naflex = {"patch_size": patch_size, "max_num_patches": max_num_patches}  # mmclip.data.naflex reads it
+        self.data_config = DataConfig((size, size), tuple(mean), tuple(std), interpolation, "squash", {"naflex": naflex})
         self.patch_embed = nn.Linear(in_chans * patch_size * patch_size, width)
         self.pos_embed = nn.Parameter(torch.randn(pos_grid * pos_grid, width) * width**-0.5)
         self.transformer = Transformer(width, layers, heads or max(1, width // 64), mlp_ratio, act, ln_eps)
@@ -72,11 +124,6 @@ class NaFlexVisionTransformer(BaseTower):
         self.pool = build_pooler(
             {"name": "map", "heads": heads, "mlp_ratio": mlp_ratio, "act": act, "ln_eps": ln_eps}, width
         )
-
-    def preprocess(self) -> NaFlexPreprocess:
-        """The PIL preprocessing this tower's weights expect (native aspect ratio, ``max_num_patches``)."""
-        dc = self.data_config
-        return NaFlexPreprocess(self.patch_size, self.max_num_patches, dc.mean, dc.std, dc.interpolation)
 
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         return [[self.patch_embed, self.pos_embed], *[[b] for b in self.transformer.blocks], [self.norm_post, self.pool]]
@@ -92,7 +139,7 @@ class NaFlexVisionTransformer(BaseTower):
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"{type(self).__name__} takes images whose sides are multiples of {p}, got {H}x{W}")
-        patches = torch.stack([patchify(im, p) for im in images]) if B else images.new_zeros(0, 0, p * p * 3)
+        patches = torch.stack([patchify(im, p) for im in images]) if B else images.new_zeros(0, 0, p * p * self.in_chans)
         grid = torch.tensor([[H // p, W // p]], device=images.device).expand(B, 2)
         mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device)
         return NaFlexImages(patches, mask, grid)
@@ -117,33 +164,11 @@ class NaFlexVisionTransformer(BaseTower):
     def forward(self, images: torch.Tensor | NaFlexImages) -> TowerOutput:
         batch = self._as_naflex(images)
         mask = batch.mask.to(batch.patches.device)
-        x = self.transformer(self._embed(batch), attn_mask=mask[:, None, None, :])
+        # full grids (plain image batches) need no mask, which keeps the fused attention kernels available
+        attend = None if isinstance(images, torch.Tensor) else mask
+        x = self.transformer(self._embed(batch), attn_mask=None if attend is None else attend[:, None, None, :])
         x = self.norm_post(x)
-        return TowerOutput(pooled=self.pool(x, mask), tokens=x, mask=mask)
+        return TowerOutput(pooled=self.pool(x, attend), tokens=x, mask=mask)
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, pos_grid={self.pos_grid}, max_num_patches={self.max_num_patches}"
-
-
-def spec_from_hf_siglip2_vision(config: Any, max_num_patches: int, mean: Any, std: Any) -> dict[str, Any]:
-    """The ``naflex_vit`` spec of a ``Siglip2VisionConfig``."""
-    from mmclip.models.convert.hf import _act
-
-    grid = math.isqrt(config.num_patches)
-    if grid * grid != config.num_patches:
-        raise ValueError(f"Siglip2 num_patches={config.num_patches} is not a square position grid")
-    return {
-        "name": "naflex_vit",
-        "patch_size": config.patch_size,
-        "width": config.hidden_size,
-        "layers": config.num_hidden_layers,
-        "heads": config.num_attention_heads,
-        "mlp_ratio": config.intermediate_size / config.hidden_size,
-        "act": _act(config.hidden_act),
-        "ln_eps": config.layer_norm_eps,
-        "pos_grid": grid,
-        "max_num_patches": max_num_patches,
-        "in_chans": config.num_channels,
-        "mean": tuple(mean),
-        "std": tuple(std),
-    }

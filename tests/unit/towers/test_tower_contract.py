@@ -22,7 +22,7 @@ def _tower_spec(model: str, tower: str, **overrides: object) -> dict:
 # one tiny spec per registered tower, from the named tiny configs
 TINY_IMAGE = {
     spec["name"]: spec
-    for spec in (_tower_spec(m, "image_tower") for m in ("tiny-vit", "tiny-resnet", "tiny-efficientnet"))
+    for spec in (_tower_spec(m, "image_tower") for m in ("tiny-vit", "tiny-resnet", "tiny-efficientnet", "tiny-naflex"))
 }
 _bert = _tower_spec("tiny-bert", "text_tower")
 TINY_TEXT = {

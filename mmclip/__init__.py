@@ -2,7 +2,6 @@
 
 from mmclip import losses as _losses  # noqa: F401  (registers the built-in losses)
 from mmclip import towers as _towers  # noqa: F401  (registers the built-in towers and poolers)
-from mmclip.data.naflex import NaFlexImages, collate_images
 from mmclip.layers.perceiver import PerceiverResampler
 from mmclip.losses import ClipLoss, SigLipLoss
 from mmclip.models import (
@@ -27,6 +26,7 @@ from mmclip.models.convert.hf import export_hf, to_hf_clip
 from mmclip.outputs import CaptionOutput, DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, LOSSES, POOLERS, TEXT_TOWERS, Registry
 from mmclip.tokenizers import ClipTokenizer, HFTokenizer, train_bpe_tokenizer
+from mmclip.towers.image.naflex_vit import NaFlexImages
 
 __version__ = "0.1.0"
 
@@ -66,3 +66,12 @@ __all__ = [
     "get_tokenizer",
     "list_models",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the data layer (torchvision transforms) loads on first use: `import mmclip` stays light
+    if name == "collate_images":
+        from mmclip.data.naflex import collate_images
+
+        return collate_images
+    raise AttributeError(f"module 'mmclip' has no attribute {name!r}")

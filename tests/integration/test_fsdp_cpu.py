@@ -43,39 +43,55 @@ _CHILD = textwrap.dedent(
             super().__init__(module, *args, device_id=device_id or torch.device("cpu"), **kwargs)
 
     fsdp.FullyShardedDataParallel = CpuFSDP
-    root, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
-    torch.manual_seed(0)
-    task = ContrastiveTask("tiny-vit", loss={"name": "siglip"}, optimizer={"lr": 1e-3}, scheduler={"name": None})
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=fsdp_strategy(), max_steps=steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-        use_distributed_sampler=False,  # the plain run's batch order (one rank sees every sample anyway)
-        callbacks=[ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=2)],
-    )
-    # two batches an epoch: the checkpoint at step 2 ends one, so a resume goes on with the next epoch
-    trainer.fit(task, datamodule=FakeDataModule(n=16, batch_size=8), ckpt_path=resume, weights_only=True)
-    print("LIFTED", tuple(task.model.logit_scale.shape), tuple(task.model.logit_bias.shape))
+
+
+    class Count(pl.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, *args):
+            self.batches += 1
+
+
+    def fit(root, steps, resume=None):
+        torch.manual_seed(0)
+        count = Count()
+        task = ContrastiveTask("tiny-vit", loss={"name": "siglip"}, optimizer={"lr": 1e-3}, scheduler={"name": None})
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, strategy=fsdp_strategy(), max_steps=steps, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+            use_distributed_sampler=False,  # the plain run's batch order (one rank sees every sample anyway)
+            callbacks=[ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=2), count],
+        )
+        # two batches an epoch: the checkpoint at step 2 ends one, so a resume goes on with the next epoch
+        trainer.fit(task, datamodule=FakeDataModule(n=16, batch_size=8), ckpt_path=resume, weights_only=True)
+        print("LIFTED", tuple(task.model.logit_scale.shape), tuple(task.model.logit_bias.shape))
+        print("BATCHES", count.batches)
+
+
+    first, resumed = sys.argv[1], sys.argv[2]
+    fit(first, 2)  # then a new trainer resumes the sharded checkpoint to step 4 (the process group is reused)
+    fit(resumed, 4, resume=first + "/last.ckpt")
     """
 )
 
 
-def _fsdp_fit(root: Path, steps: int, resume: Path | None = None) -> str:
+def _fsdp_fits(first: Path, resumed: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
-    args = [sys.executable, "-c", _CHILD, str(root), str(steps), str(resume or "")]
-    run = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    args = [sys.executable, "-c", _CHILD, str(first), str(resumed)]
+    run = subprocess.run(args, cwd=first, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return run.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs, benchmarks/gpu_suite.py --only fsdp runs this road")
 def test_fsdp_strategy_trains_resumes_and_saves_a_model_source_equal_to_a_plain_run(tmp_path):
-    out = _fsdp_fit(tmp_path, 2)
-    assert "LIFTED (1,) (1,)" in out
-    sharded = tmp_path / "last.ckpt"
-    assert sharded.is_dir() and (sharded / "meta.pt").is_file()  # sharded: a directory of shards
     resumed_root = tmp_path / "resumed"
     resumed_root.mkdir()
-    _fsdp_fit(resumed_root, 4, resume=sharded)
+    out = _fsdp_fits(tmp_path, resumed_root)
+    assert out.count("LIFTED (1,) (1,)") == 2
+    assert out.count("BATCHES 2") == 2  # the resumed run trained steps 3 and 4 only: it did resume
+    sharded = tmp_path / "last.ckpt"
+    assert sharded.is_dir() and (sharded / "meta.pt").is_file()  # sharded: a directory of shards
     model = mmclip.create_model(str(resumed_root / "last.ckpt"))  # (1,)-shaped scalars load into () ones
     assert model.logit_scale.shape == () and model.logit_bias.shape == ()
 

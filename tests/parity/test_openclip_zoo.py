@@ -54,7 +54,7 @@ BRANCHES = [
     "EVA02-B-16",  # timm trunk, token pool, its own head as the projection
     "PE-Core-B-16",  # timm trunk with rotary embeddings and a MAP pool
     "convnext_large_d",  # timm convnet with an MLP projection
-    "ViTamin-B",  # a timm hybrid ViT at full size (no shrinking arguments)
+    "ViTamin-S",  # a timm hybrid ViT at full size (no shrinking arguments)
 ]
 
 

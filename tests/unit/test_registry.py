@@ -48,3 +48,19 @@ def test_builtins_registered() -> None:
     assert {"clip_vit", "clip_resnet", "timm"} <= set(mmclip.IMAGE_TOWERS.names())
     assert {"clip_text", "hf"} <= set(mmclip.TEXT_TOWERS.names())
     assert {"cls", "mean", "last", "map"} <= set(mmclip.POOLERS.names())
+
+
+def test_import_mmclip_stays_light():
+    """`import mmclip` (every CLI call and worker pays it) loads no data layer, Lightning or transformers; the
+    parts that need them load on first use (``mmclip.collate_images`` included)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmclip\n"
+        "heavy = [m for m in ('torchvision', 'mmclip.data', 'lightning', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(mmclip.collate_images) and 'mmclip.data' in sys.modules\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

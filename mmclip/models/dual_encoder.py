@@ -15,6 +15,7 @@ from mmclip.layers.projection import build_projection
 from mmclip.outputs import DualEncoderOutput, TowerOutput
 from mmclip.registry import IMAGE_TOWERS, TEXT_TOWERS
 from mmclip.towers.base import check_images
+from mmclip.towers.image.naflex_vit import NaFlexImages
 
 __all__ = ["DualEncoder"]
 
@@ -28,7 +29,7 @@ def _check_image_batch(images: torch.Tensor, tower: nn.Module) -> None:
     if isinstance(images, torch.Tensor):
         if images.ndim == 4:
             check_images(images, tower)
-    elif type(images).__name__ == "NaFlexImages" and not hasattr(tower, "position_embeddings"):
+    elif isinstance(images, NaFlexImages) and not getattr(tower, "takes_naflex", False):
         raise TypeError(
             f"{type(tower).__name__} takes (B, 3, H, W) image tensors, not NaFlexImages: preprocess with "
             "create_model_and_transforms for this model (its preprocess gives tensors that collate_images stacks)"

@@ -155,20 +155,13 @@ class TrainingTask(pl.LightningModule):
         torch.manual_seed(_step_seed(self._rng_base, self.current_epoch, batch_idx, self.global_step, rank))
 
     def _match_one_element_shapes(self, state: dict[str, Any] | None) -> None:
-        """One-element weights load whatever their saved shape: FSDP runs lift 0-d parameters (logit_scale,
-        logit_bias) to (1,) (``mmclip.tasks.strategies.lift_scalar_parameters``), plain runs keep them 0-d,
-        and a checkpoint of either kind loads into a task of the other."""
-        if not state:
-            return
-        lifted = set(getattr(self, "_lifted_parameters", ()))
-        own = {} if lifted else {name: p.shape for name, p in self.named_parameters()}
-        for key, value in state.items():
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                continue
-            if key in lifted:
-                state[key] = value.reshape(1)
-            elif key in own and own[key] != value.shape and own[key].numel() == 1:
-                state[key] = value.reshape(own[key])
+        """A checkpoint of an FSDP run ((1,) scalars) loads into a plain task and a plain one into an FSDP task
+        (whose own names FSDP has changed, hence the lifted names it recorded)."""
+        from mmclip.models.convert.checkpoint import match_one_element_shapes
+
+        lifted = getattr(self, "_lifted_parameters", ())
+        own = {k: torch.Size([1]) for k in lifted} if lifted else {n: p.shape for n, p in self.named_parameters()}
+        match_one_element_shapes(state or {}, own)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "base": self._rng_base}

@@ -15,6 +15,7 @@ import torch
 
 import mmclip
 from mmclip.models.configs import BUILTIN_MODELS, MODEL_CONFIGS, MODEL_TOKENIZERS, OPENCLIP_MODELS_FILE
+from tests.conftest import randomize_
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -88,7 +89,7 @@ def test_named_models_carry_openclips_preprocessing_and_tokenizer():
 def test_full_size_siglip2_from_a_weights_file_matches_openclip(name, tmp_path):
     """The names road at full size: mmclip.create_model(name, pretrained=<OpenCLIP weights file>)."""
     oc = open_clip.create_model(name).eval()
-    zoo._randomize(oc, 0)
+    randomize_(oc, 0)
     path = tmp_path / "open_clip_model.safetensors"
     from safetensors.torch import save_file
 

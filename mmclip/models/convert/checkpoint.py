@@ -9,6 +9,7 @@ with a restricted unpickler that knows only tensor rebuilding. A state dict that
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import re
 import zipfile
@@ -242,6 +243,17 @@ def _short(keys: list[str], n: int = 12) -> str:
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
+def match_one_element_shapes(state: dict[str, Any], shapes: Mapping[str, torch.Size]) -> None:
+    """In place: a one-element tensor of ``state`` takes the shape ``shapes`` gives its key when that too has one
+    element. FSDP runs lift 0-d parameters (``logit_scale``, ``logit_bias``) to (1,)
+    (``mmclip.tasks.strategies.lift_scalar_parameters``) and plain runs keep them 0-d; either loads into the other."""
+    for key, value in state.items():
+        shape = shapes.get(key)
+        if shape is not None and isinstance(value, torch.Tensor) and value.shape != shape:
+            if value.numel() == 1 and math.prod(shape) == 1:
+                state[key] = value.reshape(shape)
+
+
 def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
     """Loads an mmclip-layout state dict, resampling ViT position embeddings to the model's grid.
 
@@ -263,9 +275,7 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], strict:
         state[key] = resample_pos_embed(state[key], tower.grid_size, tower.num_prefix)
         logger.info("resampled image position embeddings %s -> %s", tuple(old), tuple(state[key].shape))
     expected = model.state_dict()
-    for k in state:  # FSDP runs save 0-d parameters (logit_scale, logit_bias) as (1,): lift_scalar_parameters
-        if k in expected and state[k].shape != expected[k].shape and state[k].numel() == 1 == expected[k].numel():
-            state[k] = state[k].reshape(expected[k].shape)
+    match_one_element_shapes(state, {k: v.shape for k, v in expected.items()})
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [

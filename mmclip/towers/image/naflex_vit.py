@@ -66,14 +66,14 @@ class NaFlexImages:
         return self.patches.device
 
 
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(C, H, W) -> (H/p * W/p, p * p * C): patches in row-major order, each flattened as (p, p, C)."""
-    c, h, w = image.shape
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(..., C, H, W) -> (..., H/p * W/p, p * p * C): patches in row-major order, each flattened as (p, p, C)."""
+    *lead, c, h, w = images.shape
     rows, cols = h // patch_size, w // patch_size
-    x = image[:, : rows * patch_size, : cols * patch_size].reshape(c, rows, patch_size, cols, patch_size)
-    return x.permute(1, 3, 2, 4, 0).reshape(rows * cols, patch_size * patch_size * c)
-
-
+    x = images[..., : rows * patch_size, : cols * patch_size]
+    x = x.reshape(*lead, c, rows, patch_size, cols, patch_size)
+    x = x.permute(*range(len(lead)), -4, -2, -3, -1, -5)  # (..., rows, cols, p, p, C)
+    return x.reshape(*lead, rows * cols, patch_size * patch_size * c)
 
 
 @IMAGE_TOWERS.register("naflex_vit")
@@ -89,6 +89,8 @@ class NaFlexVisionTransformer(BaseTower):
         image_size: the square size of plain image batches and of ``data_config`` (default pos_grid * patch).
         in_chans, mean, std, interpolation: the images.
     """
+
+    takes_naflex = True  # DualEncoder lets NaFlexImages through to towers that say so
 
     def __init__(
         self,
@@ -131,44 +133,40 @@ class NaFlexVisionTransformer(BaseTower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def _as_naflex(self, images: torch.Tensor | NaFlexImages) -> NaFlexImages:
-        if isinstance(images, NaFlexImages):
-            return images
-        check_images(images, self, self.in_chans)
-        B, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"{type(self).__name__} takes images whose sides are multiples of {p}, got {H}x{W}")
-        patches = torch.stack([patchify(im, p) for im in images]) if B else images.new_zeros(0, 0, p * p * self.in_chans)
-        grid = torch.tensor([[H // p, W // p]], device=images.device).expand(B, 2)
-        mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device)
-        return NaFlexImages(patches, mask, grid)
-
-    def position_embeddings(self, grid: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, 2) patch grids -> (B, length, D): the learned grid resized to each image's, padded with zeros."""
+    def _grid_embeddings(self, h: int, w: int) -> torch.Tensor:
+        """(h * w, D): the learned position grid resized to an h x w patch grid (bilinear, antialiased)."""
         D = self.pos_embed.shape[1]
         table = self.pos_embed.reshape(self.pos_grid, self.pos_grid, D).permute(2, 0, 1)[None].float()
-        out = self.pos_embed.new_zeros(grid.shape[0], length, D)
+        resized = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        return resized[0].permute(1, 2, 0).reshape(h * w, D).to(self.pos_embed.dtype)
+
+    def position_embeddings(self, grid: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, 2) patch grids -> (B, length, D): each image's resized grid, padded with zeros."""
+        out = self.pos_embed.new_zeros(grid.shape[0], length, self.pos_embed.shape[1])
         resized: dict[tuple[int, int], torch.Tensor] = {}
-        for i, (h, w) in enumerate(grid.tolist()):
+        for i, (h, w) in enumerate(grid.tolist()):  # one host read per batch: the sizes are shapes
             if (h, w) not in resized:
-                r = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-                resized[(h, w)] = r[0].permute(1, 2, 0).reshape(h * w, D).to(self.pos_embed.dtype)
+                resized[(h, w)] = self._grid_embeddings(h, w)
             out[i, : h * w] = resized[(h, w)]
         return out
 
-    def _embed(self, batch: NaFlexImages) -> torch.Tensor:
-        x = self.patch_embed(batch.patches.to(self.patch_embed.weight.dtype))  # (B, N, D)
-        return x + self.position_embeddings(batch.grid, x.shape[1]).to(x.dtype)
-
     def forward(self, images: torch.Tensor | NaFlexImages) -> TowerOutput:
-        batch = self._as_naflex(images)
-        mask = batch.mask.to(batch.patches.device)
-        # full grids (plain image batches) need no mask, which keeps the fused attention kernels available
-        attend = None if isinstance(images, torch.Tensor) else mask
-        x = self.transformer(self._embed(batch), attn_mask=None if attend is None else attend[:, None, None, :])
-        x = self.norm_post(x)
-        return TowerOutput(pooled=self.pool(x, attend), tokens=x, mask=mask)
+        if isinstance(images, NaFlexImages):
+            mask = images.mask.to(images.patches.device)
+            x = self.patch_embed(images.patches.to(self.patch_embed.weight.dtype))  # (B, N, D)
+            x = x + self.position_embeddings(images.grid, x.shape[1]).to(x.dtype)
+            attn_mask: torch.Tensor | None = mask[:, None, None, :]
+        else:  # a full grid for every image: one resized table, no mask (the fused attention kernels stay open)
+            check_images(images, self, self.in_chans)
+            H, W = images.shape[-2:]
+            p = self.patch_size
+            if H % p or W % p:
+                raise ValueError(f"{type(self).__name__} takes images whose sides are multiples of {p}, got {H}x{W}")
+            x = self.patch_embed(patchify(images, p).to(self.patch_embed.weight.dtype))  # (B, N, D)
+            x = x + self._grid_embeddings(H // p, W // p).to(x.dtype)
+            mask = attn_mask = None
+        x = self.norm_post(self.transformer(x, attn_mask=attn_mask))
+        return TowerOutput(pooled=self.pool(x, mask), tokens=x, mask=mask)
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, pos_grid={self.pos_grid}, max_num_patches={self.max_num_patches}"

@@ -15,6 +15,12 @@ Sample ``i`` of split ``s`` is a pure function of ``(seed, s, i)``: it renders i
 any process, without files. Classification samples (``kind="classification"``) show one shape and carry
 its class label (classes dealt round-robin, so every class is equally frequent).
 
+Aspect ratios (``aspect``): "square" (the default, every image above), "varied" (a third square, a third wide,
+a third tall) or "wide_tall" (wide or tall only). A wide image is 2 or 3 times as wide as it is high (a tall one
+the transpose); its shapes sit in a row of three cells ("on the left", "in the center", "on the right"; a tall
+image's column: "at the top", "in the center", "at the bottom"), so a square centre crop cuts away most of the
+shapes at the ends, and with them what their captions and labels say. Square scenes draw exactly as before.
+
 Counting (``scene_label="count"``): scene samples carry ``label = number of shapes - 1``, a class id into
 :data:`COUNT_CLASSNAMES` ("one shape", "two shapes", "three shapes"), as a target for models built on
 frozen features (``mmclip.tasks.featurizer``). Scenes hold 1, 2 or 3 shapes with probabilities 0.40, 0.35
@@ -50,6 +56,7 @@ __all__ = [
     "HELD_OUT_CLASSES",
     "HELD_OUT_PAIRS",
     "SHAPES",
+    "ASPECTS",
     "TEMPLATES",
     "Scene",
     "ShapeObject",
@@ -79,6 +86,9 @@ COUNT_PROBS: tuple[float, float, float] = (0.4, 0.35, 0.25)
 """Probability of a scene holding 1, 2 and 3 shapes."""
 SCENE_LABELS: tuple[str, ...] = ("none", "count")
 """What the ``label`` of a scene sample is: "none" (the class of a lone shape, else -1) or "count"."""
+ASPECTS: tuple[str, ...] = ("square", "varied", "wide_tall")
+"""What ``aspect`` may be: every image square, a mix of square / wide / tall, or wide and tall only."""
+_ELONGATIONS = (2.0, 3.0)  # long side / short side of wide and tall images
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("red", "triangle"),
     ("green", "diamond"),
@@ -115,7 +125,8 @@ _texture_cache: dict[int, list[Image.Image]] = {}
 
 @dataclass(frozen=True)
 class ShapeObject:
-    """One shape of a scene; ``cx``, ``cy`` and ``radius`` are fractions of the image side."""
+    """One shape of a scene; ``cx`` and ``cy`` are fractions of the image's width and height, ``radius`` a
+    fraction of its shorter side."""
 
     colour: str
     shape: str
@@ -139,11 +150,18 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A scene: its shapes, background colour and noise texture."""
+    """A scene: its shapes, background colour, noise texture and ``aspect`` (width / height)."""
 
     objects: tuple[ShapeObject, ...]
     background: tuple[int, int, int]
     texture: int
+    aspect: float = 1.0
+
+    def size(self, image_size: int) -> tuple[int, int]:
+        """``(width, height)`` of the rendered image: the shorter side is ``image_size``."""
+        if self.aspect >= 1:
+            return round(image_size * self.aspect), image_size
+        return image_size, round(image_size / self.aspect)
 
 
 def _pairs(classes: str) -> list[tuple[str, str]]:
@@ -175,15 +193,52 @@ def _object(rng: Any, pair: tuple[str, str], cell: int) -> ShapeObject:
     )
 
 
-def sample_scene(rng: Any, pairs: list[tuple[str, str]], n_objects: int | None = None) -> Scene:
-    """Draw a scene with ``n_objects`` (default: 1-3) distinct colour-shape ``pairs`` on distinct cells."""
+def _line_object(rng: Any, pair: tuple[str, str], cell: int, aspect: float) -> ShapeObject:
+    """A shape in cell ``cell`` of the row (wide, ``aspect`` > 1) or column (tall) of three cells."""
+    colour, shape = pair
+    size = rng.choice(("small", "large"))
+    rgb = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in COLORS[colour])
+    along = (cell + 0.5) / 3 + rng.uniform(-0.02, 0.02)  # along the long side
+    across = 0.5 + rng.uniform(-0.04, 0.04)
+    wide = aspect > 1
+    return ShapeObject(
+        colour=colour,
+        shape=shape,
+        size=size,
+        row=1 if wide else cell,
+        col=cell if wide else 1,
+        cx=along if wide else across,
+        cy=across if wide else along,
+        radius=2 * SIZES[size] * rng.uniform(0.92, 1.08),  # a cell is about the short side: twice a 3x3 cell
+        rgb=rgb,  # type: ignore[arg-type]
+    )
+
+
+def sample_aspect(rng: Any, aspect: str) -> float:
+    """Width / height of a scene under ``aspect`` (see :data:`ASPECTS`)."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+    if aspect == "square" or (aspect == "varied" and rng.random() < 1 / 3):
+        return 1.0
+    elongation = rng.choice(_ELONGATIONS)
+    return elongation if rng.random() < 0.5 else 1 / elongation
+
+
+def sample_scene(
+    rng: Any, pairs: list[tuple[str, str]], n_objects: int | None = None, aspect: float = 1.0
+) -> Scene:
+    """Draw a scene with ``n_objects`` (default: 1-3) distinct colour-shape ``pairs`` on distinct cells: of the
+    3 x 3 grid for a square scene, of the row or column of three for a wide (``aspect`` > 1) or tall one."""
     n = n_objects or rng.choices((1, 2, 3), COUNT_PROBS)[0]
-    cells = rng.sample(range(9), n)
+    cells = rng.sample(range(9 if aspect == 1 else 3), n)
     chosen = rng.sample(pairs, n)
-    objects = tuple(_object(rng, p, c) for p, c in zip(chosen, cells, strict=True))
+    if aspect == 1:
+        objects = tuple(_object(rng, p, c) for p, c in zip(chosen, cells, strict=True))
+    else:
+        objects = tuple(_line_object(rng, p, c, aspect) for p, c in zip(chosen, cells, strict=True))
     gray = rng.randint(200, 245)
     background = tuple(min(255, gray + rng.randint(-8, 8)) for _ in range(3))
-    return Scene(objects=objects, background=background, texture=rng.randrange(_TEXTURES))  # type: ignore[arg-type]
+    return Scene(objects=objects, background=background, texture=rng.randrange(_TEXTURES), aspect=aspect)  # type: ignore[arg-type]
 
 
 def _textures(size: int) -> list[Image.Image]:
@@ -197,12 +252,14 @@ def _textures(size: int) -> list[Image.Image]:
 
 
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
-    """Draw ``scene`` as an ``image_size`` x ``image_size`` RGB image."""
-    s = image_size
-    img = Image.new("RGB", (s, s), scene.background)
+    """Draw ``scene`` as an RGB image whose shorter side is ``image_size`` (square scenes: ``image_size``
+    x ``image_size``)."""
+    width, height = scene.size(image_size)
+    s = min(width, height)
+    img = Image.new("RGB", (width, height), scene.background)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        x, y, r = o.cx * s, o.cy * s, o.radius * s
+        x, y, r = o.cx * width, o.cy * height, o.radius * s
         if o.shape == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill=o.rgb)
         elif o.shape == "square":
@@ -220,7 +277,10 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
         else:  # diamond
             big = 1.1 * r
             draw.polygon([(x, y - big), (x + 0.75 * big, y), (x, y + big), (x - 0.75 * big, y)], fill=o.rgb)
-    return ImageChops.add(img, _textures(s)[scene.texture], scale=1.0, offset=-_NOISE)
+    texture = _textures(max(width, height))[scene.texture]
+    if texture.size != (width, height):
+        texture = texture.crop((0, 0, width, height))
+    return ImageChops.add(img, texture, scale=1.0, offset=-_NOISE)
 
 
 def _a(phrase: str) -> str:
@@ -310,6 +370,8 @@ class SyntheticShapes:
             several) or "count" (number of shapes - 1, an index into :data:`COUNT_CLASSNAMES`).
         shape_only_captions: probability that a caption names the shapes without their colours (see
             :func:`captions_for`; 0 keeps every caption, and the random stream, as it was).
+        aspect: "square", "varied" or "wide_tall" (see the module docstring); ``image_size`` is then the
+            shorter side.
     """
 
     def __init__(
@@ -323,7 +385,11 @@ class SyntheticShapes:
         classes: str = "all",
         scene_label: str = "none",
         shape_only_captions: float = 0.0,
+        aspect: str = "square",
     ):
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+        self.aspect = aspect
         if not 0.0 <= shape_only_captions <= 1.0:
             raise ValueError(f"shape_only_captions is a probability in [0, 1], got {shape_only_captions}")
         self.shape_only_captions = float(shape_only_captions)
@@ -351,9 +417,10 @@ class SyntheticShapes:
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} samples")
         rng = sample_rng(self.seed, self.split, self.kind, index, "scene")
+        aspect = sample_aspect(sample_rng(self.seed, self.split, self.kind, index, "aspect"), self.aspect)
         if self.kind == "classification":
-            return sample_scene(rng, [self.classes[index % len(self.classes)]], n_objects=1)
-        return sample_scene(rng, self.pairs)
+            return sample_scene(rng, [self.classes[index % len(self.classes)]], n_objects=1, aspect=aspect)
+        return sample_scene(rng, self.pairs, aspect=aspect)
 
     def key(self, index: int) -> str:
         return f"{self.split}-{'cls-' if self.kind == 'classification' else ''}{index:08d}"

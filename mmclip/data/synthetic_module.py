@@ -8,6 +8,7 @@ from mmclip.data.base import ImageTextDataModule
 from mmclip.data.collate import RawSample
 from mmclip.data.loader import MapLoader, ResumableLoader
 from mmclip.data.synthetic import (
+    ASPECTS,
     CLASSNAMES,
     COUNT_CLASSNAMES,
     HELD_OUT_CLASSES,
@@ -85,8 +86,15 @@ class SyntheticDataModule(ImageTextDataModule):
         scene_label: str = "none",
         train_shapes: str = "scenes",
         shape_only_captions: float = 0.0,
+        aspect: str = "square",
+        classification_aspect: str | None = None,
         **kwargs: Any,
     ):
+        for value in (aspect, classification_aspect or aspect):
+            if value not in ASPECTS:
+                raise ValueError(f"aspect and classification_aspect must be one of {ASPECTS}, got {value!r}")
+        self.aspect = aspect
+        self.classification_aspect = classification_aspect or aspect
         if scene_label not in SCENE_LABELS:
             raise ValueError(f"scene_label must be one of {SCENE_LABELS}, got {scene_label!r}")
         counting = scene_label == "count"
@@ -122,6 +130,7 @@ class SyntheticDataModule(ImageTextDataModule):
             self.captions_per_image,
             scene_label=self.scene_label,
             shape_only_captions=self.shape_only_captions if split == "train" else 0.0,
+            aspect=self.aspect,
         )
         if split != "train" or self.train_shapes == "scenes":
             return scenes
@@ -134,6 +143,7 @@ class SyntheticDataModule(ImageTextDataModule):
             "classification",
             "seen",
             shape_only_captions=self.shape_only_captions,
+            aspect=self.aspect,
         )
         return single if self.train_shapes == "single" else _Interleaved(scenes, single, n)
 
@@ -148,6 +158,7 @@ class SyntheticDataModule(ImageTextDataModule):
                 self.data_seed,
                 self.captions_per_image,
                 scene_label="count",
+                aspect=self.classification_aspect,
             )
         classes = (
             "seen"
@@ -162,6 +173,7 @@ class SyntheticDataModule(ImageTextDataModule):
             self.captions_per_image,
             "classification",
             classes,
+            aspect=self.classification_aspect,
         )
 
     def _has_labels(self, split: str) -> bool:

@@ -11,6 +11,10 @@ base class builds the loaders the training task and the evaluation callbacks use
   caption of every image (``caption_image_index`` set), sharded by rank;
 * ``classification_dataloader(split, rank, world_size)``: batches with ``labels``, or ``None``.
 
+NaFlex towers (SigLIP 2's) get each image at its own aspect ratio as patches (``NaFlexImages`` batches),
+padded to a fixed patch count or batched under a patch budget (``naflex_batching``); ``naflex=False`` gives
+them square centre crops instead.
+
 Training epochs are exactly-once (see :mod:`mmclip.data.loader` and :mod:`mmclip.data.stream`). The training
 loader counts every batch's skipped samples by reason, and its used samples, in ``skip_stats`` (a
 :class:`mmclip.data.quality.SkipStats`; ``skip_stats.as_dict()`` gives ``data/skipped/<reason>`` metrics)
@@ -19,28 +23,41 @@ and raises :class:`mmclip.data.quality.DataQualityError` above ``max_skip_fracti
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from mmclip.data.collate import SampleProcessor
-from mmclip.data.loader import MapEvalDataset, MapLoader, MapSource, ResumableLoader, _identity
+from mmclip.data.loader import (
+    BudgetMapLoader,
+    MapEvalDataset,
+    MapLoader,
+    MapSource,
+    ResumableLoader,
+    _identity,
+)
 from mmclip.data.quality import DEFAULT_MAX_PIXELS, SkipStats
 from mmclip.data.stream import StreamDataset, StreamLoader, StreamSource
 from mmclip.data.transforms import ImageTransform, image_transform
 from mmclip.tokenizers import Tokenizer, get_tokenizer
 from mmclip.towers.base import DataConfig
 
+if TYPE_CHECKING:
+    from mmclip.data.naflex import NaFlexPreprocess
+
 __all__ = ["ImageTextDataModule"]
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+NAFLEX_BATCHING = ("fixed", "budget")
 
 
 def _is_stream(source: Any) -> bool:
@@ -88,6 +105,17 @@ class ImageTextDataModule(L.LightningDataModule):
         keep_captions: keep the caption strings in batches.
         classnames: class names for zero-shot classification (``None``: the data set's own, if any).
         templates: zero-shot prompt templates with one ``{}`` (``None``: the default set).
+        naflex: give a NaFlex tower (SigLIP 2's; its ``data_config.extra["naflex"]``) each image at its own
+            aspect ratio as patches (``True``, the default); ``False`` gives it square centre crops of
+            ``image_size`` as plain tensors instead. Fixed-size towers are not affected.
+        max_num_patches: a NaFlex tower's patch budget per image (``None``: the tower's).
+        naflex_batching: how NaFlex training batches spend their patches. "fixed": ``batch_size`` images,
+            each padded to ``max_num_patches`` (one shape for every batch). "budget": every batch holds
+            ``batch_size * max_num_patches`` patches; each batch draws a patch budget per image from
+            ``naflex_seq_lens`` and holds as many images as fit (more, smaller images or fewer, larger ones).
+            Map-style data only. Evaluation batches are padded to their longest image either way.
+        naflex_seq_lens: the per-image patch budgets of "budget" batching (``None``: 1/4, 1/2, 3/4 and all of
+            ``max_num_patches``).
     """
 
     default_data_config = DataConfig()
@@ -116,8 +144,22 @@ class ImageTextDataModule(L.LightningDataModule):
         keep_captions: bool = True,
         classnames: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
+        naflex: bool = True,
+        max_num_patches: int | None = None,
+        naflex_batching: str = "fixed",
+        naflex_seq_lens: Sequence[int] | None = None,
     ):
         super().__init__()
+        if naflex_batching not in NAFLEX_BATCHING:
+            raise ValueError(f"naflex_batching must be one of {NAFLEX_BATCHING}, got {naflex_batching!r}")
+        if max_num_patches is not None and max_num_patches < 1:
+            raise ValueError(f"max_num_patches must be >= 1, got {max_num_patches}")
+        if naflex_seq_lens is not None and (not naflex_seq_lens or min(naflex_seq_lens) < 1):
+            raise ValueError(f"naflex_seq_lens must be positive patch counts, got {naflex_seq_lens}")
+        self.naflex = bool(naflex)
+        self.max_num_patches = max_num_patches
+        self.naflex_batching = naflex_batching
+        self.naflex_seq_lens = None if naflex_seq_lens is None else [int(n) for n in naflex_seq_lens]
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         self.data_config = _as_data_config(data_config)
@@ -173,11 +215,17 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def describe(self) -> str:
         """One line for logs: the data module, batch size, workers and image preprocessing."""
-        cfg = self.data_config or self.default_data_config
+        cfg = self.image_config()
+        naflex = cfg.extra.get("naflex")
+        images = (
+            f"naflex(patch_size={naflex['patch_size']}, max_num_patches={naflex['max_num_patches']}, "
+            f"batching={self.naflex_batching!r})"
+            if naflex
+            else f"image_size={tuple(cfg.image_size)}, resize_mode={cfg.resize_mode!r}"
+        )
         return (
             f"{type(self).__name__}(batch_size={self.batch_size}, num_workers={self.num_workers}, "
-            f"image_size={tuple(cfg.image_size)}, resize_mode={cfg.resize_mode!r}, seed={self.seed}, "
-            f"max_skip_fraction={self.skip_stats.max_skip_fraction:g})"
+            f"{images}, seed={self.seed}, max_skip_fraction={self.skip_stats.max_skip_fraction:g})"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,9 +236,24 @@ class ImageTextDataModule(L.LightningDataModule):
         if "skip_stats" in state_dict:
             self.skip_stats.load_state_dict(state_dict["skip_stats"])
 
-    def transform(self, train: bool) -> ImageTransform:
-        """The image transform for training or evaluation, from the current ``data_config``."""
+    def image_config(self) -> DataConfig:
+        """The ``data_config`` images are prepared with: the tower's, with this module's NaFlex choices applied
+        (``naflex=False``: square centre crops; ``max_num_patches``: the patch budget)."""
         cfg = self.data_config or self.default_data_config
+        naflex = cfg.extra.get("naflex")
+        if not naflex:
+            return cfg
+        extra = {k: v for k, v in cfg.extra.items() if k != "naflex"}
+        if not self.naflex:
+            return dataclasses.replace(cfg, resize_mode="shortest", extra=extra)
+        if self.max_num_patches is not None:
+            extra["naflex"] = {**naflex, "max_num_patches": self.max_num_patches}
+            return dataclasses.replace(cfg, extra=extra)
+        return cfg
+
+    def transform(self, train: bool) -> ImageTransform | NaFlexPreprocess:
+        """The image transform for training or evaluation, from :meth:`image_config`."""
+        cfg = self.image_config()
         return (
             image_transform(cfg, train=train, **self.augment) if train else image_transform(cfg, train=False)
         )
@@ -269,9 +332,19 @@ class ImageTextDataModule(L.LightningDataModule):
             with_labels=False,
             skip_stats=self.skip_stats,
         )
+        budget = self.naflex_batching == "budget" and hasattr(common["processor"].transform, "max_num_patches")
         if _is_stream(source):
+            if budget:
+                raise ValueError(
+                    f"{type(self).__name__}: naflex_batching='budget' needs map-style data (synthetic, HF, CSV); "
+                    "streamed shards take naflex_batching='fixed'"
+                )
             num_batches = self._stream_num_batches(source, world_size)  # type: ignore[arg-type]
             return StreamLoader(source, num_batches=num_batches, **self._stream_options(), **common)  # type: ignore[arg-type]
+        if budget:
+            max_patches = common["processor"].transform.max_num_patches
+            seq_lens = self.naflex_seq_lens or sorted({max(1, math.ceil(max_patches * f / 4)) for f in (1, 2, 3, 4)})
+            return BudgetMapLoader(source, seq_lens=seq_lens, token_budget=self.batch_size * max_patches, **common)  # type: ignore[arg-type]
         return MapLoader(source, **common)  # type: ignore[arg-type]
 
     def _eval_loader(self, split: str, rank: int, world_size: int, classification: bool) -> DataLoader | None:

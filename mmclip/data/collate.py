@@ -68,10 +68,11 @@ class RawSample:
 
 @dataclass
 class ProcessedSample:
-    """A usable sample: its key, image tensor ``(3, H, W)``, captions (one in training) and label."""
+    """A usable sample: its key, image (a ``(3, H, W)`` tensor, or a NaFlex tower's ``NaFlexSample``), captions
+    (one in training) and label."""
 
     key: str
-    image: torch.Tensor
+    image: Any
     captions: list[str]
     label: int | None
 
@@ -84,12 +85,16 @@ class SampleProcessor:
         train: keep one caption per image, chosen with the sample's ``rng``; otherwise keep all.
         max_pixels: decompression-bomb ceiling (see :func:`mmclip.data.quality.decode_image`).
         draft: decode JPEGs at a reduced size when the target is much smaller (faster, not pixel-exact
-            with a full decode).
+            with a full decode; fixed-size transforms only).
+
+    Attributes:
+        pad_to: the patch count training batches of NaFlex samples are padded to (the transform's
+            ``max_num_patches``, so training shapes are fixed); ``None`` for fixed-size images and evaluation.
     """
 
     def __init__(
         self,
-        transform: ImageTransform,
+        transform: ImageTransform | Any,
         train: bool,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         draft: bool = False,
@@ -97,11 +102,15 @@ class SampleProcessor:
         self.transform = transform
         self.train = train
         self.max_pixels = max_pixels
-        self.draft = draft
+        self.draft = draft and isinstance(transform, ImageTransform)
+        self.pad_to: int | None = getattr(transform, "max_num_patches", None) if train else None
         self.skips = SkipCounter()
 
-    def __call__(self, raw: RawSample, rng: random.Random | None = None) -> ProcessedSample | None:
-        """The processed sample, or ``None`` (counted in ``self.skips``) if it cannot be used."""
+    def __call__(
+        self, raw: RawSample, rng: random.Random | None = None, max_num_patches: int | None = None
+    ) -> ProcessedSample | None:
+        """The processed sample, or ``None`` (counted in ``self.skips``) if it cannot be used.
+        ``max_num_patches``: a NaFlex transform's patch budget for this sample (its batch's)."""
         try:
             if raw.skip is not None:
                 raise SkipSample(raw.skip)
@@ -119,7 +128,9 @@ class SampleProcessor:
                 draft_size = (math.ceil(w * factor), math.ceil(h * factor))
             img = decode_image(raw.image, max_pixels=self.max_pixels, draft_size=draft_size)
             try:
-                image = self.transform(img, rng)
+                image = (
+                    self.transform(img, rng) if max_num_patches is None else self.transform(img, rng, max_num_patches)
+                )
             except Exception as err:
                 raise SkipSample("decode_error", f"transform failed: {type(err).__name__}: {err}") from None
         except SkipSample as skip:
@@ -139,6 +150,7 @@ def collate(
     skipped: dict[str, int] | None = None,
     keep_captions: bool = True,
     with_labels: bool | None = None,
+    pad_to: int | None = None,
 ) -> ImageTextBatch:
     """Stack processed samples into an ``ImageTextBatch`` and tokenize their captions.
 
@@ -148,9 +160,15 @@ def collate(
         skipped: skip counts to carry in the batch.
         keep_captions: keep the caption strings in ``batch.captions``.
         with_labels: attach ``labels`` (``-1`` where unknown); ``None`` attaches them if any sample has one.
+        pad_to: NaFlex samples are padded to this many patches (``None``: to the longest).
     """
-    # numpy copies on one thread: torch.stack's intra-op threads stall on a busy machine (main-process loading)
-    images = torch.from_numpy(np.stack([s.image.numpy() for s in samples]))  # (B, 3, H, W)
+    if isinstance(samples[0].image, torch.Tensor):
+        # numpy copies on one thread: torch.stack's intra-op threads stall on a busy machine (main-process loading)
+        images: Any = torch.from_numpy(np.stack([s.image.numpy() for s in samples]))  # (B, 3, H, W)
+    else:
+        from mmclip.data.naflex import collate_images
+
+        images = collate_images([s.image for s in samples], pad_to=pad_to)  # NaFlexImages
     captions = [c for s in samples for c in s.captions]
     counts = [len(s.captions) for s in samples]
     caption_image_index = None
@@ -176,16 +194,19 @@ def collate(
 
 
 def empty_batch(
-    image_size: tuple[int, int],
+    images: Any,
     context_length: int,
     skipped: dict[str, int] | None = None,
     keep_captions: bool = True,
     with_labels: bool | None = None,
 ) -> ImageTextBatch:
-    """A batch of zero samples that carries skip counts (every sample it stood for was unusable)."""
-    h, w = image_size
+    """A batch of zero samples that carries skip counts (every sample it stood for was unusable).
+
+    ``images``: the zero images, as the transform's ``empty_images()`` gives them, or a ``(H, W)`` size."""
+    if isinstance(images, tuple):
+        images = torch.zeros(0, 3, *images)  # (0, 3, H, W)
     return ImageTextBatch(
-        images=torch.zeros(0, 3, h, w),  # (0, 3, H, W)
+        images=images,
         input_ids=torch.zeros(0, context_length, dtype=torch.long),  # (0, L)
         keys=[],
         labels=torch.zeros(0, dtype=torch.long) if with_labels else None,
@@ -210,8 +231,12 @@ def concat_batches(parts: list[ImageTextBatch], skipped: dict[str, int] | None =
         raise ValueError("concat_batches joins training batches (one caption per image)")
     labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])  # (B,)
     captions = None if any(p.captions is None for p in parts) else [c for p in parts for c in p.captions]
+    if isinstance(parts[0].images, torch.Tensor):
+        images: Any = torch.cat([p.images for p in parts])  # (B, 3, H, W)
+    else:
+        images = type(parts[0].images).cat([p.images for p in parts])  # NaFlexImages
     return ImageTextBatch(
-        images=torch.cat([p.images for p in parts]),  # (B, 3, H, W)
+        images=images,
         input_ids=torch.cat([p.input_ids for p in parts]),  # (B, L)
         keys=[k for p in parts for k in p.keys],
         labels=labels,

@@ -46,7 +46,7 @@ from mmclip.data.collate import (
 )
 from mmclip.data.quality import SkipStats
 
-__all__ = ["MapEvalDataset", "MapLoader", "MapSource", "ResumableLoader", "epoch_permutation"]
+__all__ = ["BudgetMapLoader", "MapEvalDataset", "MapLoader", "MapSource", "ResumableLoader", "epoch_permutation"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class _Request:
     epoch: int
     chunk: int
     indices: list[int]
+    max_num_patches: int | None = None  # a NaFlex budget batch's patches per image
 
 
 @dataclass
@@ -247,16 +248,19 @@ class _MapTrainDataset(Dataset):
 
     def __getitems__(self, request: _Request) -> _Chunk:
         samples: list[ProcessedSample] = []
+        budget = request.max_num_patches
         for index in request.indices:
-            item = self.processor(self.source.get(index), sample_rng(self.seed, request.epoch, index, 0))
+            rng = sample_rng(self.seed, request.epoch, index, 0)
+            item = self.processor(self.source.get(index), rng, budget)
             if item is not None:
                 samples.append(item)
         skipped = self.processor.skips.take()
         if not samples:
             return _Chunk(request.chunk, None, skipped)
+        pad_to = budget or self.processor.pad_to
         return _Chunk(
             request.chunk,
-            collate(samples, self.tokenizer, None, self.keep_captions, self.with_labels),
+            collate(samples, self.tokenizer, None, self.keep_captions, self.with_labels, pad_to),
             skipped,
         )
 
@@ -340,8 +344,8 @@ class MapLoader(ResumableLoader):
         return [_Request(epoch, c, mine[c * b : (c + 1) * b]) for c in range(first, math.ceil(len(mine) / b))]
 
     def _empty(self, skipped: dict[str, int]) -> ImageTextBatch:
-        size = self.processor.transform.size
-        return empty_batch(size, self.tokenizer.context_length, skipped, self.keep_captions, self.with_labels)
+        images = self.processor.transform.empty_images()
+        return empty_batch(images, self.tokenizer.context_length, skipped, self.keep_captions, self.with_labels)
 
     def _epoch_batches(self, epoch: int, consumed: int) -> Iterator[Any]:
         first, used = self._cursor
@@ -384,6 +388,73 @@ class MapLoader(ResumableLoader):
         return batch
 
 
+class BudgetMapLoader(MapLoader):
+    """NaFlex training batches under a patch budget: variable images per batch (see :class:`MapLoader`).
+
+    Batch ``c`` of every epoch draws a patch budget per image, ``seq_len``, from ``seq_lens`` (seeded by
+    (seed, c), the same plan every epoch) and holds ``token_budget // seq_len`` images, each resized to at most
+    ``seq_len`` patches and padded to it: every batch costs about the same, and the model sees every
+    resolution. Batches are the planned chunks of the epoch's order themselves: a skipped sample makes its
+    batch one shorter instead of being replaced from the next. The epoch has as many batches as the plan
+    needs to cover the largest rank's share; a rank whose share is used up yields empty batches.
+
+    Args:
+        source, processor, tokenizer, rank, world_size, seed, shuffle, ...: as :class:`MapLoader`
+            (``processor`` must prepare NaFlex samples).
+        seq_lens: the patch budgets per image a batch may draw.
+        token_budget: patches per batch (``batch_size`` is ignored: it is ``token_budget // max(seq_lens)``).
+    """
+
+    def __init__(self, source: MapSource, *, seq_lens: list[int], token_budget: int, **kwargs: Any):
+        if not seq_lens or min(seq_lens) < 1 or token_budget < max(seq_lens):
+            raise ValueError(
+                f"token_budget ({token_budget}) must hold one image of the largest of seq_lens {seq_lens}"
+            )
+        if not hasattr(kwargs["processor"].transform, "max_num_patches"):
+            raise TypeError("BudgetMapLoader batches NaFlex images: give it a NaFlex tower's processor")
+        kwargs["batch_size"] = token_budget // max(seq_lens)
+        super().__init__(source, **kwargs)
+        self.seq_lens, self.token_budget = [int(n) for n in seq_lens], int(token_budget)
+        share = math.ceil(len(source) / self.world_size)
+        self.plan: list[tuple[int, int]] = []  # (seq_len, images) of every batch of an epoch
+        covered = 0
+        while covered < share:
+            seq_len = self.seq_lens[sample_seed(self.seed, "naflex_seq_len", len(self.plan)) % len(self.seq_lens)]
+            self.plan.append((seq_len, self.token_budget // seq_len))
+            covered += self.plan[-1][1]
+        self.num_batches = len(self.plan)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {**super()._fingerprint(), "seq_lens": self.seq_lens, "token_budget": self.token_budget}
+
+    def _requests(self, epoch: int, first: int) -> list[_Request]:
+        order = epoch_permutation(len(self.source), self.seed, epoch, self.shuffle)
+        mine = order[self.rank :: self.world_size].tolist()
+        requests, start = [], 0
+        for c, (seq_len, n) in enumerate(self.plan):
+            if c >= first and start < len(mine):
+                requests.append(_Request(epoch, c, mine[start : start + n], seq_len))
+            start += n
+        return requests
+
+    def _epoch_batches(self, epoch: int, consumed: int) -> Iterator[Any]:
+        first = self._cursor[0]
+        requests = self._requests(epoch, first)
+        last = requests[-1].chunk if requests else -1
+        chunks = iter(self._dataloader(self.dataset, batch_sampler=requests)) if requests else iter(())
+        for chunk in chunks:
+            seq_len = self.plan[chunk.chunk][0]
+            batch = chunk.batch if chunk.batch is not None else self._empty({}, seq_len)
+            batch.skipped = dict(chunk.skipped)
+            yield (chunk.chunk + 1, 0), batch, chunk.chunk == last
+        for c in range(max(first, last + 1), self.num_batches):  # this rank's share is used up
+            yield (c + 1, 0), self._empty({}, self.plan[c][0]), True
+
+    def _empty(self, skipped: dict[str, int], seq_len: int | None = None) -> ImageTextBatch:
+        images = self.processor.transform.empty_images(seq_len)
+        return empty_batch(images, self.tokenizer.context_length, skipped, self.keep_captions, self.with_labels)
+
+
 class MapEvalDataset(Dataset):
     """Evaluation batches of a map-style source: ``__getitems__(indices)`` builds one batch in a worker.
 
@@ -408,5 +479,5 @@ class MapEvalDataset(Dataset):
         if kept:
             return collate(kept, self.tokenizer, skipped, self.keep_captions, self.labels)
         # every sample of the batch was unusable: an empty batch keeps the count
-        size, length = self.processor.transform.size, self.tokenizer.context_length
-        return empty_batch(size, length, skipped, self.keep_captions, self.labels)
+        images, length = self.processor.transform.empty_images(), self.tokenizer.context_length
+        return empty_batch(images, length, skipped, self.keep_captions, self.labels)

@@ -10,6 +10,7 @@ of such samples into one :class:`NaFlexImages` batch (and stacks plain image ten
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,11 +48,19 @@ class NaFlexPreprocess:
     """PIL image -> :class:`NaFlexSample`: RGB, resized to :func:`naflex_size` (antialiased, on uint8 pixels),
     normalised, patchified.
 
+    Called as ``preprocess(image)``, ``preprocess(image, rng)`` (the data pipeline's per-sample randomness) or
+    ``preprocess(image, rng, max_num_patches)`` (a batch's own budget, below the default).
+
     Args:
         patch_size: the tower's patch size.
         max_num_patches: the patch budget per image.
         mean, std: normalisation of pixels in [0, 1].
         interpolation: "bilinear" (SigLIP 2) or "bicubic".
+        train: before resizing, crop a random box of ``scale`` times the area whose aspect ratio is the
+            image's own times a factor in ``ratio`` (so wide images stay wide), then apply the colour
+            augmentation; evaluation (the default) keeps the whole image.
+        scale, ratio, color_jitter, color_jitter_p, grayscale_p: the training augmentation (as
+            :class:`mmclip.data.transforms.ImageTransform`).
     """
 
     def __init__(
@@ -61,36 +70,73 @@ class NaFlexPreprocess:
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         interpolation: str = "bilinear",
+        train: bool = False,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float | Sequence[float] | None = None,
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.0,
     ) -> None:
         from torchvision.transforms import InterpolationMode
 
+        from mmclip.data.transforms import ImageTransform
+
+        if patch_size < 1 or max_num_patches < 1:
+            raise ValueError(f"patch_size and max_num_patches must be >= 1, got {patch_size}, {max_num_patches}")
         self.patch_size = patch_size
         self.max_num_patches = max_num_patches
         # normalise uint8-range pixels in one step: (x - 255 mean) / (255 std)
         self.mean = (torch.tensor(mean) * 255.0).tolist()
         self.std = (torch.tensor(std) * 255.0).tolist()
         self.interpolation = InterpolationMode(interpolation)
+        self.train = train
+        # the crop ranges and colour augmentation, checked and applied as the fixed-size transform does
+        self._augment = ImageTransform(
+            (patch_size, patch_size), mean, std, interpolation, train=True, scale=scale, ratio=ratio,
+            color_jitter=color_jitter, color_jitter_p=color_jitter_p, grayscale_p=grayscale_p,
+        )
+        self.scale, self.ratio = self._augment.scale, self._augment.ratio
 
-    def __call__(self, image: Image.Image) -> NaFlexSample:
+    def __call__(
+        self, image: Image.Image, rng: random.Random | None = None, max_num_patches: int | None = None
+    ) -> NaFlexSample:
         from torchvision.transforms.v2 import functional as tvf
 
+        from mmclip.data.transforms import random_resized_crop_params
+
+        budget = self.max_num_patches if max_num_patches is None else int(max_num_patches)
+        if self.train:
+            rng = rng or random.Random()
+            own = image.width / image.height
+            top, left, h, w = random_resized_crop_params(
+                image.width, image.height, self.scale, (own * self.ratio[0], own * self.ratio[1]), rng
+            )
+            image = self._augment._augment(image.crop((left, top, left + w, top + h)).convert("RGB"), rng)
         pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W)
-        h, w = naflex_size(pixels.shape[1], pixels.shape[2], self.patch_size, self.max_num_patches)
+        h, w = naflex_size(pixels.shape[1], pixels.shape[2], self.patch_size, budget)
         pixels = tvf.resize(pixels, [h, w], interpolation=self.interpolation, antialias=True)
         x = tvf.normalize(pixels.to(torch.float32), self.mean, self.std)
         return NaFlexSample(patchify(x, self.patch_size), (h // self.patch_size, w // self.patch_size))
 
+    def empty_images(self, max_num_patches: int | None = None) -> NaFlexImages:
+        """A batch of zero images (what a batch of only unusable samples carries)."""
+        n = self.max_num_patches if max_num_patches is None else int(max_num_patches)
+        dim = self.patch_size * self.patch_size * 3
+        return NaFlexImages(torch.zeros(0, n, dim), torch.zeros(0, n, dtype=torch.bool), torch.zeros(0, 2, dtype=torch.long))
+
     @classmethod
-    def from_data_config(cls, data_config: DataConfig) -> NaFlexPreprocess:
-        """The preprocessing a NaFlex tower's ``data_config`` describes (its ``extra["naflex"]``)."""
+    def from_data_config(cls, data_config: DataConfig, train: bool = False, **augment: Any) -> NaFlexPreprocess:
+        """The preprocessing a NaFlex tower's ``data_config`` describes (its ``extra["naflex"]``); ``train`` and
+        ``augment`` (``scale``, ``ratio``, ``color_jitter``, ...) as in the constructor."""
         naflex = data_config.extra["naflex"]
         return cls(naflex["patch_size"], naflex["max_num_patches"], data_config.mean, data_config.std,
-                   data_config.interpolation)
+                   data_config.interpolation, train=train, **augment)
 
     def __repr__(self) -> str:
+        kind = f"train, scale={self.scale}" if self.train else "eval"
         return (
             f"{type(self).__name__}(patch_size={self.patch_size}, max_num_patches={self.max_num_patches}, "
-            f"interpolation={self.interpolation.value})"
+            f"{kind}, interpolation={self.interpolation.value})"
         )
 
 

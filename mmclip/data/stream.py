@@ -272,12 +272,13 @@ class StreamDataset(IterableDataset):
 
     def _empty(self, skipped: dict[str, int]) -> ImageTextBatch:
         length = self.tokenizer.context_length
-        size = self.processor.transform.size
-        return empty_batch(size, length, skipped, self.keep_captions, self.with_labels)
+        images = self.processor.transform.empty_images()
+        return empty_batch(images, length, skipped, self.keep_captions, self.with_labels)
 
     def _batch(self, items: list[Any]) -> ImageTextBatch:
         return collate(
-            items, self.tokenizer, self.processor.skips.take(), self.keep_captions, self.with_labels
+            items, self.tokenizer, self.processor.skips.take(), self.keep_captions, self.with_labels,
+            self.processor.pad_to,
         )
 
     def _train_batches(self, stream: Iterator[RawSample], worker: int, slot: int) -> Iterator[Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from PIL import Image
 
 from mmclip.data.quality import DEFAULT_MAX_PIXELS
 from mmclip.towers.base import DataConfig
+
+if TYPE_CHECKING:
+    from mmclip.data.naflex import NaFlexPreprocess
 
 __all__ = ["ImageTransform", "image_transform", "random_resized_crop_params"]
 
@@ -168,6 +172,10 @@ class ImageTransform:
             img = img if img.mode == "RGB" else img.convert("RGB")
         return self.to_tensor(img)
 
+    def empty_images(self) -> torch.Tensor:
+        """A batch of zero images, ``(0, 3, H, W)`` (what a batch of only unusable samples carries)."""
+        return torch.zeros(0, 3, *self.size)
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> normalised ``(3, H, W)`` float32, bit-identical to torchvision's ToTensor + Normalize."""
         arr = np.asarray(img)  # (H, W, 3) uint8
@@ -249,8 +257,10 @@ def image_transform(
     grayscale_p: float = 0.0,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     color_jitter_p: float = 0.8,
-) -> ImageTransform:
-    """The transform an image tower expects (see the module docstring).
+) -> ImageTransform | NaFlexPreprocess:
+    """The transform an image tower expects (see the module docstring); for a NaFlex tower (its
+    ``data_config.extra["naflex"]``) the :class:`mmclip.data.naflex.NaFlexPreprocess` it describes, which gives
+    ``NaFlexSample`` s that :func:`mmclip.collate_images` batches.
 
     Args:
         data_config: the tower's ``DataConfig`` (``model.data_config``); ``None`` uses ``DataConfig()``.
@@ -262,9 +272,15 @@ def image_transform(
         color_jitter_p: probability of jittering a sample (training).
 
     Returns:
-        A callable ``transform(img, rng=None) -> FloatTensor (3, H, W)``.
+        A callable ``transform(img, rng=None) -> FloatTensor (3, H, W)`` (or ``-> NaFlexSample``).
     """
     cfg = data_config or DataConfig()
+    if cfg.extra.get("naflex"):
+        from mmclip.data.naflex import NaFlexPreprocess
+
+        augment = dict(scale=scale, ratio=ratio, color_jitter=color_jitter, color_jitter_p=color_jitter_p,
+                       grayscale_p=grayscale_p)
+        return NaFlexPreprocess.from_data_config(cfg, train=train, **(augment if train else {}))
     size = cfg.image_size if isinstance(cfg.image_size, Sequence) else (cfg.image_size, cfg.image_size)
     return ImageTransform(
         size=(int(size[0]), int(size[1])),

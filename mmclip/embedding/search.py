@@ -246,6 +246,7 @@ def embed_query(
 
     Images are prepared with the model's evaluation transform, as ``mmclip embed`` prepares them.
     """
+    from mmclip.data.naflex import collate_images
     from mmclip.data.quality import decode_image
     from mmclip.data.transforms import image_transform
 
@@ -263,7 +264,7 @@ def embed_query(
                 return embed_inputs(model, tokenizer(texts).to(dev), "text")  # (Q, D)
             images = image if isinstance(image, (list, tuple)) else [image]
             transform = image_transform(model.data_config, train=False)
-            x = torch.stack([transform(decode_image(im)) for im in images]).to(dev)  # (Q, 3, H, W)
+            x = collate_images([transform(decode_image(im)) for im in images]).to(dev)  # (Q, 3, H, W) or NaFlex
             return embed_inputs(model, x, "image")  # (Q, D)
     finally:
         for m, training in flags:

@@ -488,7 +488,7 @@ class EmbedDataset(IterableDataset):
                 return decode_caption(raw.captions)
             img = _decode_image(raw.image, max_pixels=self.max_pixels)
             try:
-                return self.transform(img)  # type: ignore[misc]  # (3, H, W)
+                return self.transform(img)  # type: ignore[misc]  # (3, H, W) or a NaFlexSample
             except Exception as err:
                 raise SkipSample("decode_error", f"transform failed: {type(err).__name__}: {err}") from None
         except SkipSample as skip:
@@ -503,7 +503,11 @@ class EmbedDataset(IterableDataset):
             inputs = self.tokenizer(texts) if texts else torch.zeros(0, 1, dtype=torch.long)  # type: ignore[misc]  # (B, L)
             captions: list[list[str] | None] | None = [[t] for t in texts]
         else:
-            if items:  # numpy stack: one thread, no torch intra-op stalls in workers
+            if items and not isinstance(items[0][2], torch.Tensor):  # a NaFlex tower's samples
+                from mmclip.data.naflex import collate_images
+
+                inputs = collate_images([it[2] for it in items])  # NaFlexImages
+            elif items:  # numpy stack: one thread, no torch intra-op stalls in workers
                 inputs = torch.from_numpy(np.stack([it[2].numpy() for it in items]))  # (B, 3, H, W)
             else:
                 inputs = torch.zeros(0, 3, 1, 1)

@@ -141,7 +141,8 @@ def embed_inputs(
     amp: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """``(B, D)`` float32 L2-normalised embeddings of images ``(B, 3, H, W)`` or token ids ``(B, L)``.
+    """``(B, D)`` float32 L2-normalised embeddings of images ``(B, 3, H, W)`` (or ``NaFlexImages``) or token
+    ids ``(B, L)``.
 
     Call it under ``torch.inference_mode()`` with the model in eval mode and on ``inputs``' device.
     """
@@ -150,7 +151,7 @@ def embed_inputs(
         if modality == "image":
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
             images = inputs.to(dtype)
-            if channels_last:
+            if channels_last and isinstance(images, torch.Tensor):
                 images = images.contiguous(memory_format=torch.channels_last)
             x = model.encode_image(images)  # (B, D)
         elif modality == "text":

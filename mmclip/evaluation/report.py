@@ -65,22 +65,26 @@ def _plot_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> bool
     return True
 
 
-def _first_images(datamodule: Any, n: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``n`` validation images and the first caption of each."""
+def _first_images(datamodule: Any, n: int) -> tuple[Any, list[str]]:
+    """The first ``n`` validation images (a tensor, or ``NaFlexImages`` for a NaFlex tower) and the first
+    caption of each."""
     images, captions = [], []
     for batch in datamodule.retrieval_dataloader("val", 0, 1):
         index = batch.text_to_image.tolist()
         for row in range(len(batch)):
             if len(images) == n:
                 break
-            images.append(batch.images[row])
+            images.append(batch.images[row : row + 1])
             captions.append(batch.captions[index.index(row)] if batch.captions else batch.keys[row])
         if len(images) == n:
             break
-    return torch.stack(images), captions
+    if isinstance(images[0], torch.Tensor):
+        return torch.cat(images), captions
+    return type(images[0]).cat(images), captions  # NaFlexImages, padded to the longest
 
 
-def _show(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> Any:
+def _show(images: Any, index: int, mean: torch.Tensor, std: torch.Tensor) -> Any:
+    image = images[index] if isinstance(images, torch.Tensor) else images.image(index)  # (3, H, W)
     return (image * std[:, None, None] + mean[:, None, None]).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -117,7 +121,7 @@ def _heatmap_and_grid(model: Any, datamodule: Any, out: Path, n_heat: int = 12, 
         axes[r][0].axis("off")
         for c, j in enumerate(top[r].tolist(), start=1):
             ax = axes[r][c]
-            ax.imshow(_show(images[j], mean, std))
+            ax.imshow(_show(images, j, mean, std))
             ax.set_xticks([])
             ax.set_yticks([])
             colour = "green" if j == q else "red"

@@ -518,18 +518,12 @@ def create_model_and_transforms(
     ``preprocess(pil_image)`` gives the tower's input ``(3, H, W)`` (resize, crop, normalise exactly as the
     reference the weights came from), or for a NaFlex tower (SigLIP 2) the image's patches at its own aspect
     ratio; ``mmclip.collate_images`` batches either kind. ``train_preprocess`` adds the training augmentation
-    (random resized crop) to square images, which every tower takes.
+    (a random resized crop; a NaFlex tower's keeps each image's aspect ratio).
     """
     from mmclip.data.transforms import image_transform
 
     model = create_model(source, pretrained, device=device, **overrides)
-    if "naflex" in model.data_config.extra:  # NaFlex towers: native aspect ratio, as patches
-        from mmclip.data.naflex import NaFlexPreprocess
-
-        preprocess: Any = NaFlexPreprocess.from_data_config(model.data_config)
-    else:
-        preprocess = image_transform(model.data_config, train=False)
-    return model, image_transform(model.data_config, train=True), preprocess
+    return model, image_transform(model.data_config, train=True), image_transform(model.data_config, train=False)
 
 
 def count_parameters(model: DualEncoder) -> dict[str, int]:

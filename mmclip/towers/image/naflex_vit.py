@@ -8,6 +8,7 @@ too, as full grids of H/p x W/p patches, so square data and every evaluation roa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,28 @@ class NaFlexImages:
     @property
     def device(self) -> torch.device:
         return self.patches.device
+
+    def image(self, index: int, channels: int = 3) -> torch.Tensor:
+        """Image ``index`` as a ``(C, rows * p, cols * p)`` tensor, its patches put back in place."""
+        rows, cols = (int(v) for v in self.grid[index].tolist())
+        p = math.isqrt(self.patches.shape[-1] // channels)
+        x = self.patches[index, : rows * cols].reshape(rows, cols, p, p, channels)
+        return x.permute(4, 0, 2, 1, 3).reshape(channels, rows * p, cols * p)
+
+    def pin_memory(self) -> NaFlexImages:
+        return NaFlexImages(self.patches.pin_memory(), self.mask.pin_memory(), self.grid.pin_memory())
+
+    @staticmethod
+    def cat(parts: list[NaFlexImages]) -> NaFlexImages:
+        """One batch of the images of ``parts`` in order, padded to the longest part's patch count."""
+        n = max(p.patches.shape[1] for p in parts)
+        if all(p.patches.shape[1] == n for p in parts):
+            return NaFlexImages(
+                torch.cat([p.patches for p in parts]), torch.cat([p.mask for p in parts]), torch.cat([p.grid for p in parts])
+            )
+        patches = [F.pad(p.patches, (0, 0, 0, n - p.patches.shape[1])) for p in parts]  # (b, n, D) each
+        masks = [F.pad(p.mask, (0, n - p.mask.shape[1])) for p in parts]  # (b, n) each
+        return NaFlexImages(torch.cat(patches), torch.cat(masks), torch.cat([p.grid for p in parts]))
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -31,6 +31,15 @@ TINY = {
         "text_tower.width=32",
         "text_tower.layers=1",
     ],
+    "siglip2_naflex_tiny": [
+        *SYNTHETIC,
+        "image_tower.width=32",
+        "image_tower.layers=1",
+        "image_tower.max_num_patches=16",
+        "text_tower.width=32",
+        "text_tower.layers=1",
+        "data.naflex_batching=budget",
+    ],
     "clip_vitb32_webdataset": ["model=tiny_vit"],
     "siglip_vitb16": ["model=tiny_siglip"],
     "lit_bert": [
@@ -59,7 +68,7 @@ def shards(tmp_path_factory):
 
 def _overrides(name: str, shards: Path, tmp_path: Path) -> list[str]:
     out = [f"experiment={name}", "trainer=cpu", f"run_dir={tmp_path}", "trainer.fast_dev_run=2", *TINY[name]]
-    if name != "shapes_tiny":
+    if name not in ("shapes_tiny", "siglip2_naflex_tiny"):
         out += [
             f"data.train_shards='{shards / 'train'}/train-{{000000..000001}}.tar'",
             f"data.val_shards='{shards / 'val'}/val-000000.tar'",

@@ -1,6 +1,7 @@
-"""A NaFlex model through every road a user takes: `mmclip train experiment=siglip2_naflex_tiny` (budget batches,
-the report), then its checkpoint into `mmclip eval`, `mmclip embed` and `mmclip search`, each checked against the
-model run on one image at a time."""
+"""A NaFlex model through every road a user takes: `mmclip train experiment=siglip2_naflex_tiny` as a command
+(budget batches, the report), then its checkpoint into the `mmclip eval`, `mmclip embed` and `mmclip search`
+entry points (their recipes and arguments; the commands' process start is tested elsewhere), each checked
+against the model run on one image at a time."""
 
 from __future__ import annotations
 
@@ -50,12 +51,13 @@ def checkpoint(tmp_path_factory):
 
 
 def test_eval_of_a_naflex_checkpoint_equals_one_image_per_batch(checkpoint, tmp_path):
-    run = _cli(["eval", f"checkpoint={checkpoint}", f"run_dir={tmp_path}", "data.batch_size=5", *EVAL_DATA],
-               tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    from mmclip.cli.evaluate import run_eval
+    from mmclip.cli.train import compose
     from mmclip.evaluation import evaluate
 
+    metrics = run_eval(compose("eval", [f"checkpoint={checkpoint}", f"run_dir={tmp_path}", "data.batch_size=5",
+                                        *EVAL_DATA]))
+    assert metrics == json.loads((tmp_path / "eval.json").read_text())["metrics"]
     model = mmclip.create_model(str(checkpoint))
     data = SyntheticDataModule(n_train=0, n_val=8, n_test=12, image_size=32, num_workers=0, eval_batch_size=1,
                                aspect="varied", classification_aspect="wide_tall")
@@ -63,7 +65,11 @@ def test_eval_of_a_naflex_checkpoint_equals_one_image_per_batch(checkpoint, tmp_
     assert metrics.keys() == alone.keys() and metrics == pytest.approx(alone, abs=1e-6)
 
 
-def test_embed_and_search_a_folder_of_wide_and_tall_images(checkpoint, tmp_path):
+def test_embed_and_search_a_folder_of_wide_and_tall_images(checkpoint, tmp_path, capsys):
+    from mmclip.cli.embed import main as embed_main
+    from mmclip.cli.search import main as search_main
+    from mmclip.embedding.store import EmbeddingStore
+
     images = tmp_path / "images"
     images.mkdir()
     shapes = SyntheticShapes("test", 6, image_size=32, aspect="varied")
@@ -71,10 +77,8 @@ def test_embed_and_search_a_folder_of_wide_and_tall_images(checkpoint, tmp_path)
         shapes.get(i).image.save(images / f"{i}.png")
     assert len({Image.open(f).size for f in images.iterdir()}) > 1
     out = tmp_path / "store"
-    run = _cli(["embed", f"checkpoint={checkpoint}", "source.kind=images", f"source.path={images}", f"out={out}",
-                f"run_dir={tmp_path}", "num_workers=0", "progress=false", "batch_size=4"], tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    from mmclip.embedding.store import EmbeddingStore
+    assert embed_main([f"checkpoint={checkpoint}", "source.kind=images", f"source.path={images}", f"out={out}",
+                       f"run_dir={tmp_path}", "num_workers=0", "progress=false", "batch_size=4"]) == 0
 
     model, _, preprocess = mmclip.create_model_and_transforms(str(checkpoint))
     files = sorted(images.glob("*.png"))
@@ -84,8 +88,8 @@ def test_embed_and_search_a_folder_of_wide_and_tall_images(checkpoint, tmp_path)
     stored = torch.from_numpy(EmbeddingStore(out).embeddings().astype(np.float32))
     torch.testing.assert_close(stored, ref.half().float(), atol=2e-3, rtol=0)  # the store keeps float16
 
-    run = _cli(["search", str(out), "--image", str(files[1]), "-k", "1", "--json"], tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    hit = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][0])
+    capsys.readouterr()
+    assert search_main([str(out), "--image", str(files[1]), "-k", "1", "--json"]) == 0
+    hit = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])
     assert hit["score"] == pytest.approx(float(stored[1] @ ref[1]), abs=2e-3)
     assert files[1].name in hit["id"]

@@ -393,8 +393,9 @@ class BudgetMapLoader(MapLoader):
 
     Batch ``c`` of every epoch draws a patch budget per image, ``seq_len``, from ``seq_lens`` (seeded by
     (seed, c), the same plan every epoch) and holds ``token_budget // seq_len`` images, each resized to at most
-    ``seq_len`` patches and padded to it: every batch costs about the same, and the model sees every
-    resolution. Batches are the planned chunks of the epoch's order themselves: a skipped sample makes its
+    ``seq_len`` patches and padded to it: every batch holds the same number of patches (the image tower's
+    work per step is about constant; the text tower and the loss grow with the images), and the model sees
+    every resolution, as SigLIP 2's NaFlex training does. Batches are the planned chunks of the epoch's order themselves: a skipped sample makes its
     batch one shorter instead of being replaced from the next. The epoch has as many batches as the plan
     needs to cover the largest rank's share; a rank whose share is used up yields empty batches.
 

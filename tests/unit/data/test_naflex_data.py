@@ -134,9 +134,14 @@ def test_concat_and_slice_of_naflex_batches_equal_collating_the_samples(model, c
     assert torch.equal(joined.images.patches[:, :n], whole.images.patches)
     assert torch.equal(joined.images.mask[:, :n], whole.images.mask) and not joined.images.mask[:, n:].any()
     assert torch.equal(joined.images.grid, whole.images.grid) and joined.keys == whole.keys
-    for i in range(7):  # a batch row is the sample's patches, put back in place by image()
+    from torchvision.transforms.v2 import functional as tvf
+
+    for i in range(7):  # image() puts a row's patches back in place: the resized, normalised image
         rows, cols = samples[i].image.grid
-        assert whole.images.image(i).shape == (3, rows * 8, cols * 8)
+        pixels = torch.from_numpy(np.array(source.get(i).image)).permute(2, 0, 1)
+        resized = tvf.resize(pixels, [rows * 8, cols * 8], interpolation=tvf.InterpolationMode.BILINEAR, antialias=True)
+        expected = tvf.normalize(resized.float(), [127.5] * 3, [127.5] * 3)
+        torch.testing.assert_close(whole.images.image(i), expected, rtol=0, atol=1e-5)
         assert torch.equal(collate_images([samples[i].image]).patches[0], samples[i].image.patches)
 
 

@@ -13,7 +13,7 @@ Two measurements on the recipe ``experiment=siglip2_naflex_tiny`` (a tiny SigLIP
    ``data.naflex=false`` (the same model fed 64 x 64 centre crops: the same 64 patches). Each run's report
    gives zero-shot top-1 on held-out wide and tall single-shape images and text -> image retrieval.
 
-    python benchmarks/naflex_training.py                   # both (about 12 minutes on 2 cores)
+    python benchmarks/naflex_training.py                   # both (about 8 minutes on 2 cores)
     python benchmarks/naflex_training.py --skip-accuracy   # the speed table only (about 1 minute)
 
 Prints the tables and writes benchmarks/results/naflex_training.json.

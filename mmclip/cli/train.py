@@ -203,7 +203,8 @@ def _log_summary(task: Any, datamodule: Any) -> None:
         task.model.embed_dim,
         trainable / 1e6,
         counts["total"] / 1e6,
-        "x".join(map(str, dc.image_size)),
+        f"at most {dc.extra['naflex']['max_num_patches']} patches per image at its own aspect ratio (the data "
+        "module may change it)" if "naflex" in dc.extra else "x".join(map(str, dc.image_size)),
     )
     describe = getattr(datamodule, "describe", None)
     log.info("data: %s", describe() if callable(describe) else type(datamodule).__name__)

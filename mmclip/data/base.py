@@ -106,12 +106,14 @@ class ImageTextDataModule(L.LightningDataModule):
         classnames: class names for zero-shot classification (``None``: the data set's own, if any).
         templates: zero-shot prompt templates with one ``{}`` (``None``: the default set).
         naflex: give a NaFlex tower (SigLIP 2's; its ``data_config.extra["naflex"]``) each image at its own
-            aspect ratio as patches (``True``, the default); ``False`` gives it square centre crops of
-            ``image_size`` as plain tensors instead. Fixed-size towers are not affected.
+            aspect ratio as patches (``True``, the default); ``False`` gives it square centre crops of the
+            tower's ``image_size`` as plain tensors instead (the same patch count when that size is
+            ``sqrt(max_num_patches)`` patches a side; ``max_num_patches`` is then unused). Fixed-size towers are
+            not affected.
         max_num_patches: a NaFlex tower's patch budget per image (``None``: the tower's).
         naflex_batching: how NaFlex training batches spend their patches. "fixed": ``batch_size`` images,
-            each padded to ``max_num_patches`` (one shape for every batch). "budget": every batch holds
-            ``batch_size * max_num_patches`` patches; each batch draws a patch budget per image from
+            each padded to ``max_num_patches`` (one shape for every batch). "budget": every batch holds at
+            most ``batch_size * max_num_patches`` patches; each batch draws a patch budget per image from
             ``naflex_seq_lens`` and holds as many images as fit (more, smaller images or fewer, larger ones).
             Map-style data only. Evaluation batches are padded to their longest image either way.
         naflex_seq_lens: the per-image patch budgets of "budget" batching (``None``: 1/4, 1/2, 3/4 and all of
@@ -344,6 +346,11 @@ class ImageTextDataModule(L.LightningDataModule):
         if budget:
             max_patches = common["processor"].transform.max_num_patches
             seq_lens = self.naflex_seq_lens or sorted({max(1, math.ceil(max_patches * f / 4)) for f in (1, 2, 3, 4)})
+            if max(seq_lens) > max_patches:
+                raise ValueError(
+                    f"naflex_seq_lens {seq_lens} go above the {max_patches} patches per image of this tower: lower "
+                    "them, or raise data.max_num_patches"
+                )
             return BudgetMapLoader(source, seq_lens=seq_lens, token_budget=self.batch_size * max_patches, **common)  # type: ignore[arg-type]
         return MapLoader(source, **common)  # type: ignore[arg-type]
 

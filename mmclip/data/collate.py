@@ -203,7 +203,7 @@ def empty_batch(
     """A batch of zero samples that carries skip counts (every sample it stood for was unusable).
 
     ``images``: the zero images, as the transform's ``empty_images()`` gives them, or a ``(H, W)`` size."""
-    if isinstance(images, tuple):
+    if isinstance(images, (tuple, list, torch.Size)):
         images = torch.zeros(0, 3, *images)  # (0, 3, H, W)
     return ImageTextBatch(
         images=images,

@@ -251,13 +251,14 @@ class _MapTrainDataset(Dataset):
         budget = request.max_num_patches
         for index in request.indices:
             rng = sample_rng(self.seed, request.epoch, index, 0)
-            item = self.processor(self.source.get(index), rng, budget)
+            raw = self.source.get(index)
+            item = self.processor(raw, rng) if budget is None else self.processor(raw, rng, budget)
             if item is not None:
                 samples.append(item)
         skipped = self.processor.skips.take()
         if not samples:
             return _Chunk(request.chunk, None, skipped)
-        pad_to = budget or self.processor.pad_to
+        pad_to = budget or getattr(self.processor, "pad_to", None)
         return _Chunk(
             request.chunk,
             collate(samples, self.tokenizer, None, self.keep_captions, self.with_labels, pad_to),
@@ -329,7 +330,9 @@ class MapLoader(ResumableLoader):
         self._cursor = (0, 0)  # (chunk, usable samples of it already in batches) of the next sample
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {**super()._fingerprint(), "world_size": self.world_size, "num_samples": len(self.source)}
+        # seq_lens / token_budget: BudgetMapLoader's plan (None here), so neither resumes the other's epoch
+        return {**super()._fingerprint(), "world_size": self.world_size, "num_samples": len(self.source),
+                "seq_lens": None, "token_budget": None}
 
     def _extra_state(self) -> dict[str, Any]:
         return {"cursor": list(self._cursor)}
@@ -393,7 +396,7 @@ class BudgetMapLoader(MapLoader):
 
     Batch ``c`` of every epoch draws a patch budget per image, ``seq_len``, from ``seq_lens`` (seeded by
     (seed, c), the same plan every epoch) and holds ``token_budget // seq_len`` images, each resized to at most
-    ``seq_len`` patches and padded to it: every batch holds the same number of patches (the image tower's
+    ``seq_len`` patches and padded to it: every batch holds at most ``token_budget`` patches (the image tower's
     work per step is about constant; the text tower and the loss grow with the images), and the model sees
     every resolution, as SigLIP 2's NaFlex training does. Batches are the planned chunks of the epoch's order themselves: a skipped sample makes its
     batch one shorter instead of being replaced from the next. The epoch has as many batches as the plan
@@ -409,7 +412,8 @@ class BudgetMapLoader(MapLoader):
     def __init__(self, source: MapSource, *, seq_lens: list[int], token_budget: int, **kwargs: Any):
         if not seq_lens or min(seq_lens) < 1 or token_budget < max(seq_lens):
             raise ValueError(
-                f"token_budget ({token_budget}) must hold one image of the largest of seq_lens {seq_lens}"
+                f"token_budget ({token_budget}) must hold one image of the largest of seq_lens {seq_lens}: "
+                "lower the largest seq_len or raise the budget (the data module's batch_size)"
             )
         if not hasattr(kwargs["processor"].transform, "max_num_patches"):
             raise TypeError("BudgetMapLoader batches NaFlex images: give it a NaFlex tower's processor")

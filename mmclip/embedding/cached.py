@@ -148,6 +148,7 @@ class _EmbeddingProcessor(SampleProcessor):
 
     def __init__(self, train: bool) -> None:
         self.train = train
+        self.pad_to = None
         self.skips = SkipCounter()
 
     def __call__(self, raw: RawSample, rng: random.Random | None = None) -> ProcessedSample | None:

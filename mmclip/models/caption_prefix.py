@@ -18,6 +18,7 @@ from torch import nn
 
 from mmclip.layers.transformer import Transformer
 from mmclip.outputs import CaptionOutput
+from mmclip.towers.base import fixed_size_data_config
 
 __all__ = [
     "IGNORE_INDEX",
@@ -274,7 +275,7 @@ class _ImageFeatures(nn.Module):
 
     @property
     def data_config(self) -> Any:
-        return getattr(self.tower, "data_config", None)
+        return fixed_size_data_config(getattr(self.tower, "data_config", None))  # square tensors, stacked
 
     def _token_dim(self) -> int:
         size = getattr(self.data_config, "image_size", (224, 224))

@@ -38,6 +38,7 @@ from torch import nn
 
 from mmclip.models.dual_encoder import DualEncoder
 from mmclip.outputs import TowerOutput
+from mmclip.towers.base import fixed_size_data_config
 
 __all__ = ["Featurizer", "TextFeaturizer", "FeaturizerOutput", "FrozenModule", "FrozenWeightsError"]
 
@@ -382,7 +383,7 @@ class Featurizer(FrozenModule):
         """The image tower's preprocessing description (image featurizers only)."""
         if self.modality != "image":
             raise AttributeError("a text featurizer has no data_config")
-        return self.tower.data_config
+        return fixed_size_data_config(self.tower.data_config)
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> FeaturizerOutput:
@@ -395,7 +396,7 @@ class Featurizer(FrozenModule):
         if frozen.training or frozen.tower.training:  # someone called .train() on the tower itself
             frozen.eval()
         self._follow_device(x.device)
-        if self.channels_last and x.ndim == 4:
+        if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = (
             torch.autocast(x.device.type, dtype=self.autocast_dtype)

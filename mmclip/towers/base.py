@@ -17,6 +17,7 @@ A tower is an ``nn.Module`` with:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -60,6 +61,16 @@ class DataConfig:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def fixed_size_data_config(data_config: DataConfig | None) -> DataConfig | None:
+    """``data_config`` without a NaFlex tower's ``extra["naflex"]``: square ``image_size`` images as plain tensors,
+    which NaFlex towers take as full patch grids. For the roads that stack image tensors (frozen featurizers,
+    captioning prefixes, the vision-language bridge)."""
+    if data_config is None or "naflex" not in data_config.extra:
+        return data_config
+    extra = {k: v for k, v in data_config.extra.items() if k != "naflex"}
+    return dataclasses.replace(data_config, extra=extra)
 
 
 def resolve_layer_indices(indices: Sequence[int], num_layers: int) -> list[int]:

@@ -27,7 +27,8 @@ def model():
 
 def _data(model, tok, **kw):
     kw.setdefault("batch_size", 6)
-    data = SyntheticDataModule(n_train=60, n_val=10, n_test=12, image_size=32, num_workers=kw.pop("workers", 0),
+    kw.setdefault("n_train", 60)
+    data = SyntheticDataModule(n_val=10, n_test=12, image_size=32, num_workers=kw.pop("workers", 0),
                                tokenizer=tok, aspect=kw.pop("aspect", "varied"), **kw)
     return data.configure(data_config=model.data_config)
 
@@ -236,3 +237,75 @@ def test_naflex_false_gives_the_same_tower_square_centre_crops(model, clip_token
     assert isinstance(other.transform(train=True), ImageTransform)
     budget = _data(model, clip_tokenizer, max_num_patches=9).transform(train=False)
     assert budget.max_num_patches == 9
+
+
+class _Skipping:
+    """A map source whose samples at ``bad`` are unusable (counted as skipped by the processor)."""
+
+    def __init__(self, source, bad):
+        self.source, self.bad = source, set(bad)
+
+    def __len__(self):
+        return len(self.source)
+
+    def get(self, index):
+        raw = self.source.get(index)
+        if index in self.bad:
+            raw.skip = "decode_error"
+        return raw
+
+
+def _skipping(model, tok, bad, rank, world):
+    data = _budget(model, tok, n_train=61, max_skip_fraction=0.9)
+    source = data._source
+    data._source = lambda split: _Skipping(source(split), bad) if split == "train" else source(split)
+    return data.train_dataloader(rank, world)
+
+
+def test_budget_batches_with_skipped_samples_stay_exactly_once_on_every_rank_and_resume(model, clip_tokenizer):
+    bad = {3, 17, *range(40, 51)}  # whole chunks of unusable samples too
+    seen, skipped = [], 0
+    for rank in range(2):
+        loader = _skipping(model, clip_tokenizer, bad, rank, 2)
+        reference = list(loader)
+        seen += [k for b in reference for k in b.keys]
+        skipped += sum(sum(b.skipped.values()) for b in reference)
+        first = _skipping(model, clip_tokenizer, bad, rank, 2)
+        it = iter(first)
+        got = [next(it) for _ in range(len(first) - 1)]  # resume before the rank's last batch
+        resumed = _skipping(model, clip_tokenizer, bad, rank, 2)
+        resumed.load_state_dict(first.state_dict())
+        assert [b.keys for b in got + list(resumed)] == [b.keys for b in reference]
+    assert sorted(seen) == sorted(f"train-{i:08d}" for i in range(61) if i not in bad) and skipped == len(bad)
+
+
+def test_a_checkpoint_of_one_batching_starts_the_next_epoch_under_the_other(model, clip_tokenizer, caplog):
+    budget = _budget(model, clip_tokenizer).train_dataloader(0, 1)
+    next(iter(budget))
+    fixed = _data(model, clip_tokenizer).train_dataloader(0, 1)
+    with caplog.at_level("WARNING"):
+        fixed.load_state_dict(budget.state_dict())
+    assert "layout changed" in caplog.text and fixed.state_dict()["epoch"] == 0
+    batches = list(fixed)
+    assert fixed.epoch == 1 and len(batches) == len(fixed)  # a whole fresh epoch
+
+
+def test_budget_seq_lens_above_the_towers_budget_are_refused(model, clip_tokenizer):
+    data = _data(model, clip_tokenizer, naflex_batching="budget", naflex_seq_lens=[8, 32])
+    with pytest.raises(ValueError, match="raise data.max_num_patches"):
+        data.train_dataloader(0, 1)
+
+
+def test_frozen_featurizers_of_a_naflex_tower_take_square_tensors(model):
+    from mmclip.models.featurizer import Featurizer
+
+    featurizer = Featurizer(model)
+    assert "naflex" not in featurizer.data_config.extra and "naflex" in model.data_config.extra
+    transform = image_transform(featurizer.data_config, train=False)
+    assert isinstance(transform, ImageTransform)
+    image = SyntheticShapes("test", 1, image_size=32, aspect="wide_tall").get(0).image
+    x = torch.stack([transform(image)])  # (1, 3, 32, 32): a full 4 x 4 patch grid
+    out = featurizer(x)
+    with torch.no_grad():
+        direct = model.image_tower(x)
+    torch.testing.assert_close(out.pooled, direct.pooled)

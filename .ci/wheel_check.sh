@@ -17,5 +17,9 @@ cd "$work"
   trainer.max_steps=3 data.n_train=256 data.n_val=16 data.n_test=30 data.batch_size=16 data.num_workers=0
 test -f "$work/run/checkpoints/last.ckpt"
 test -f "$work/run/report/metrics.json"
+# the NaFlex recipe ships too: native-aspect batches under a patch budget
+"$work/venv/bin/mmclip" train experiment=siglip2_naflex_tiny run_dir="$work/naflex" report=false callbacks=none \
+  logger=none trainer.max_steps=2 data.n_train=64 data.n_val=0 data.n_test=0 data.batch_size=16 data.num_workers=0 \
+  data.naflex_batching=budget
 "$py" -c "import mmclip; print(mmclip.get_tokenizer('ViT-B-32')(['a photo of a dog'])[0, :7].tolist())"
 echo "wheel check passed: plain install trains the demo recipe from $work"

@@ -9,7 +9,9 @@ By default each model is shrunk first: native towers to width 64 and 2 blocks (R
 per stage), timm trunks through the same ``timm.create_model`` keyword arguments in both libraries (depth,
 width, heads), keeping every structural option (pooling, norms, activations, projections, vocabulary and
 context). ``--full`` runs the real sizes, with a per-model ``--budget`` in seconds: a model whose build is
-predicted to take longer (from its parameter count) is reported as skipped.
+predicted to take longer (from its parameter count, counted on the meta device), or that would not fit in memory,
+is reported as skipped. Where open_clip's own embeddings are not finite with the tests' fixed weight scale (deep
+full-size ResNets overflow), the weights are rescaled by their fan-in and the row says so.
 
     python benchmarks/openclip_zoo.py                  # all names, small (~10 minutes on 2 cores)
     python benchmarks/openclip_zoo.py --full --budget 120 --names 'ViT-B-16*'

@@ -251,14 +251,13 @@ class _MapTrainDataset(Dataset):
         budget = request.max_num_patches
         for index in request.indices:
             rng = sample_rng(self.seed, request.epoch, index, 0)
-            raw = self.source.get(index)
-            item = self.processor(raw, rng) if budget is None else self.processor(raw, rng, budget)
+            item = self.processor(self.source.get(index), rng, budget)
             if item is not None:
                 samples.append(item)
         skipped = self.processor.skips.take()
         if not samples:
             return _Chunk(request.chunk, None, skipped)
-        pad_to = budget or getattr(self.processor, "pad_to", None)
+        pad_to = budget or self.processor.pad_to
         return _Chunk(
             request.chunk,
             collate(samples, self.tokenizer, None, self.keep_captions, self.with_labels, pad_to),

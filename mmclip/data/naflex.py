@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
 
+from mmclip.data.transforms import ImageTransform, random_resized_crop_params
 from mmclip.towers.base import DataConfig
 from mmclip.towers.image.naflex_vit import NaFlexImages, NaFlexSample, patchify
 
@@ -77,10 +80,6 @@ class NaFlexPreprocess:
         color_jitter_p: float = 0.8,
         grayscale_p: float = 0.0,
     ) -> None:
-        from torchvision.transforms import InterpolationMode
-
-        from mmclip.data.transforms import ImageTransform
-
         if patch_size < 1 or max_num_patches < 1:
             raise ValueError(f"patch_size and max_num_patches must be >= 1, got {patch_size}, {max_num_patches}")
         self.patch_size = patch_size
@@ -100,10 +99,6 @@ class NaFlexPreprocess:
     def __call__(
         self, image: Image.Image, rng: random.Random | None = None, max_num_patches: int | None = None
     ) -> NaFlexSample:
-        from torchvision.transforms.v2 import functional as tvf
-
-        from mmclip.data.transforms import random_resized_crop_params
-
         budget = self.max_num_patches if max_num_patches is None else int(max_num_patches)
         if self.train:
             rng = rng or random.Random()

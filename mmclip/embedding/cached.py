@@ -151,7 +151,10 @@ class _EmbeddingProcessor(SampleProcessor):
         self.pad_to = None
         self.skips = SkipCounter()
 
-    def __call__(self, raw: RawSample, rng: random.Random | None = None) -> ProcessedSample | None:
+    def __call__(
+        self, raw: RawSample, rng: random.Random | None = None, max_num_patches: int | None = None
+    ) -> ProcessedSample | None:
+        """As :meth:`SampleProcessor.__call__` (``max_num_patches``: unused, an embedding has no patches)."""
         try:
             captions = decode_captions(raw.captions)
         except SkipSample as skip:

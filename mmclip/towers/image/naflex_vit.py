@@ -80,10 +80,6 @@ class NaFlexImages:
     def cat(parts: list[NaFlexImages]) -> NaFlexImages:
         """One batch of the images of ``parts`` in order, padded to the longest part's patch count."""
         n = max(p.patches.shape[1] for p in parts)
-        if all(p.patches.shape[1] == n for p in parts):
-            return NaFlexImages(
-                torch.cat([p.patches for p in parts]), torch.cat([p.mask for p in parts]), torch.cat([p.grid for p in parts])
-            )
         patches = [F.pad(p.patches, (0, 0, 0, n - p.patches.shape[1])) for p in parts]  # (b, n, D) each
         masks = [F.pad(p.mask, (0, n - p.mask.shape[1])) for p in parts]  # (b, n) each
         return NaFlexImages(torch.cat(patches), torch.cat(masks), torch.cat([p.grid for p in parts]))

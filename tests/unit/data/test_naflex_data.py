@@ -84,7 +84,7 @@ def test_a_centre_crop_cuts_away_the_shapes_at_the_ends_of_wide_and_tall_images(
     assert 30 < at_ends < 50  # a shape at either end two times in three
 
 
-def test_aspect_is_checked_and_square_scenes_are_unchanged():
+def test_aspect_is_checked_and_square_is_the_default():
     with pytest.raises(ValueError, match="aspect must be one of"):
         SyntheticShapes("train", 4, aspect="round")
     a, b = SyntheticShapes("train", 8, 32), SyntheticShapes("train", 8, 32, aspect="square")
